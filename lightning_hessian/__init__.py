@@ -1,0 +1,32 @@
+"""lightning_hessian: watch the curvature of the loss while a model trains.
+
+Functional core (usable on any ``torch.nn.Module``): :class:`HessianOperator` and the estimators
+:func:`hessian_trace`, :func:`top_eigenvalues`, :func:`spectral_density`.
+"""
+
+from lightning_hessian.density import SpectralDensity, spectral_density
+from lightning_hessian.eigen import EigenResult, top_eigenvalues
+from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
+from lightning_hessian.lanczos import LanczosResult, lanczos
+from lightning_hessian.operator import CurvatureOperator, HessianOperator, MatrixOperator, preserved_model_state
+from lightning_hessian.trace import TraceEstimate, hessian_trace
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "CurvatureOperator",
+    "EigenResult",
+    "HessianComputationError",
+    "HessianOperator",
+    "LanczosResult",
+    "MatrixOperator",
+    "NonFiniteHVPError",
+    "NonFiniteLossError",
+    "SpectralDensity",
+    "TraceEstimate",
+    "hessian_trace",
+    "lanczos",
+    "preserved_model_state",
+    "spectral_density",
+    "top_eigenvalues",
+]

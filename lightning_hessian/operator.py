@@ -1,0 +1,647 @@
+"""Hessian-vector products of a model's mean loss: the linear operator every estimator consumes.
+
+:class:`HessianOperator` owns the model, the analysis data and the HVP machinery; the estimators
+(:func:`~lightning_hessian.hessian_trace`, :func:`~lightning_hessian.top_eigenvalues`,
+:func:`~lightning_hessian.spectral_density`) only see its :meth:`~HessianOperator.matmat`.
+:class:`MatrixOperator` wraps an explicit symmetric matrix behind the same interface (tests,
+known spectra, small models whose Hessian was formed exactly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
+
+__all__ = ["CurvatureOperator", "HessianOperator", "MatrixOperator", "preserved_model_state"]
+
+LossFn = Callable[[Any, Any], Tensor]
+BatchLossFn = Callable[[nn.Module, Any], Tensor]
+Backend = Literal["auto", "func", "autograd"]
+
+
+@runtime_checkable
+class CurvatureOperator(Protocol):
+    """What an estimator needs: a symmetric linear map on ``R^num_params``.
+
+    ``matmat(V)`` maps ``[num_params, k]`` to ``[num_params, k]``; ``num_hvps`` counts the
+    columns multiplied so far.
+    """
+
+    @property
+    def num_params(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def num_hvps(self) -> int: ...
+
+    def matmat(self, matrix: Tensor) -> Tensor: ...
+
+
+def _matvec_via_matmat(op: CurvatureOperator, vector: Tensor) -> Tensor:
+    if vector.ndim != 1 or vector.shape[0] != op.num_params:
+        raise ValueError(
+            f"`vector` must be 1-D with {op.num_params} entries (num_params), got shape {tuple(vector.shape)}."
+        )
+    return op.matmat(vector.unsqueeze(1)).squeeze(1)
+
+
+def _check_matrix(matrix: Tensor, num_params: int) -> None:
+    if not isinstance(matrix, Tensor):
+        raise TypeError(f"`matrix` must be a torch.Tensor, got {type(matrix).__name__}.")
+    if matrix.ndim != 2 or matrix.shape[0] != num_params:
+        raise ValueError(
+            f"`matrix` must have shape [num_params={num_params}, k], got {tuple(matrix.shape)}; "
+            "use matvec for a single flat vector."
+        )
+
+
+class MatrixOperator:
+    """An explicit symmetric matrix behind the :class:`CurvatureOperator` interface.
+
+    Args:
+        matrix: A square symmetric tensor ``[n, n]`` (any float dtype; products run in its dtype).
+
+    Example:
+        >>> import torch
+        >>> from lightning_hessian import MatrixOperator, top_eigenvalues
+        >>> op = MatrixOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
+        >>> round(top_eigenvalues(op, k=1).values[0].item(), 6)
+        10.0
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError("`matrix` must be a square 2-D torch.Tensor.")
+        if not torch.is_floating_point(matrix):
+            raise TypeError(f"`matrix` must have a floating dtype, got {matrix.dtype}.")
+        self.matrix = matrix
+        self._num_hvps = 0
+
+    @property
+    def num_params(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+    @property
+    def num_hvps(self) -> int:
+        return self._num_hvps
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        _check_matrix(matrix, self.num_params)
+        self._num_hvps += matrix.shape[1]
+        out = self.matrix @ matrix.to(device=self.device, dtype=self.dtype)
+        return out.to(matrix.dtype)
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        return _matvec_via_matmat(self, vector)
+
+
+# --------------------------------------------------------------------------------------------
+# Model state preservation
+# --------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    cuda_states = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_states = torch.cuda.get_rng_state_all()
+    return torch.get_rng_state(), cuda_states
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    cpu_state, cuda_states = state
+    torch.set_rng_state(cpu_state)
+    if cuda_states is not None:
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextlib.contextmanager
+def preserved_model_state(model: nn.Module, *, buffers: bool = True) -> Iterator[None]:
+    """Restore every module's train/eval flag, ``requires_grad`` flags, buffers and torch RNG.
+
+    Parameters and ``.grad`` are never written by the HVP code; buffers are restored anyway so
+    that a user ``batch_loss`` that writes to them (or a BatchNorm in train mode) leaves no trace.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_buffers = (
+        [(b, b.detach().clone()) for b in model.buffers() if b is not None] if buffers else []
+    )
+    rng = _rng_state()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, flag in flags:
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+        with torch.no_grad():
+            for buf, saved in saved_buffers:
+                if not torch.equal(buf, saved):
+                    buf.copy_(saved)
+        _set_rng_state(rng)
+
+
+@contextlib.contextmanager
+def _analysis_mode(model: nn.Module, train_mode_batchnorm: bool) -> Iterator[None]:
+    """Eval mode everywhere; optionally BatchNorm on batch statistics without updating buffers."""
+    bn_flags: list[tuple[nn.modules.batchnorm._NormBase, bool]] = []
+    model.eval()
+    if train_mode_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                bn_flags.append((module, module.track_running_stats))
+                module.train()
+                # With track_running_stats=False a training BatchNorm normalises with the batch
+                # statistics and neither reads nor updates running_mean/var/num_batches_tracked.
+                module.track_running_stats = False
+    try:
+        yield
+    finally:
+        for module, flag in bn_flags:
+            module.track_running_stats = flag
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        if batch.is_inference():
+            batch = batch.clone()
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _move(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_move(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(v, device) for v in batch)
+    return batch
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _default_batch_size(batch: Any) -> int:
+    tensor = _first_tensor(batch)
+    if tensor is None or tensor.ndim == 0:
+        raise ValueError(
+            "Could not infer the size of a batch (no tensor with a batch dimension found); "
+            "pass `batch_size_fn=lambda batch: ...` to HessianOperator."
+        )
+    return int(tensor.shape[0])
+
+
+class _LossModule(nn.Module):
+    """Wraps model + loss so that ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None, batch_loss: BatchLossFn | None) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+        self._batch_loss = batch_loss
+
+    def forward(self, batch: Any) -> Tensor:
+        if self._batch_loss is not None:
+            loss = self._batch_loss(self.model, batch)
+        else:
+            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                raise TypeError(
+                    "With `loss_fn`, each batch must be an (inputs, targets) pair; got "
+                    f"{type(batch).__name__}. Pass `batch_loss=lambda model, batch: ...` instead."
+                )
+            inputs, targets = batch[0], batch[1]
+            assert self._loss_fn is not None
+            loss = self._loss_fn(self.model(inputs), targets)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(
+                "The loss must be a scalar tensor (a mean over the batch); got "
+                f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}."
+            )
+        return loss.reshape(())
+
+
+# --------------------------------------------------------------------------------------------
+# The Hessian operator
+# --------------------------------------------------------------------------------------------
+
+
+class HessianOperator:
+    r"""Hessian of a model's size-weighted mean loss over a data set, as a linear operator.
+
+    Represents :math:`H = \nabla^2_\theta L(\theta)` with
+    :math:`L(\theta) = \sum_b \frac{|b|}{N} \ell_b(\theta)`, where :math:`\ell_b` is the mean
+    loss of micro-batch :math:`b` of ``data`` and :math:`\theta` are the trainable parameters
+    (``requires_grad=True``) in ``model.parameters()`` order (METHODS.md §0). Products are
+    accumulated over micro-batches, so memory is bounded by one batch.
+
+    HVPs are computed by forward-over-reverse differentiation (``torch.func.jvp`` of
+    ``torch.func.grad`` through ``functional_call``), several vectors at once with
+    ``torch.func.vmap``; where forward-mode AD is unsupported, ``backend="auto"`` falls back to
+    double backward (``torch.autograd.grad(create_graph=True)``) once and warns. HVPs run outside
+    autocast in the parameters' own dtype; sums over micro-batches are accumulated in float64.
+
+    The model is evaluated in eval mode (dropout off, BatchNorm on running statistics) unless
+    ``train_mode_batchnorm=True``, where BatchNorm layers use each micro-batch's statistics
+    without touching their running statistics. After every product the model is exactly as
+    found: parameters, buffers, train/eval flags, ``.grad``, ``requires_grad`` and torch's global
+    RNG state.
+
+    Args:
+        model: Any ``nn.Module``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar mean loss`` for ``(inputs, targets)``
+            batches, e.g. ``torch.nn.functional.cross_entropy``.
+        data: A re-iterable of batches (a list or a ``DataLoader``), iterated once per product.
+        batch_loss: Alternative to ``loss_fn``: ``batch_loss(model, batch) -> scalar mean loss``
+            for any batch structure (dicts, sequence models, masks).
+        batch_size_fn: ``batch_size_fn(batch) -> number`` giving a batch's weight; defaults to
+            the leading dimension of the first tensor in the batch.
+        backend: ``"auto"`` (forward-over-reverse, fallback to double backward), ``"func"`` or
+            ``"autograd"``.
+        train_mode_batchnorm: Use batch statistics in BatchNorm layers (running stats untouched).
+        max_batched_vectors: At most this many vectors are pushed through one vmapped product
+            (bounds activation memory, ``k`` times one batch's); ``None`` means all at once.
+        device: Where batches are moved; defaults to the device of the first trainable parameter.
+        cache_batches: Keep the moved batches in memory after the first pass (fast, deterministic
+            even for a loader with random transforms; costs the memory of the analysis set).
+        all_reduce: For distributed use: a function that sums a float64 tensor across processes
+            in place-or-return style (``t -> summed t``). Each process then passes its own shard
+            of the analysis data, and every product is the product of the global Hessian.
+            One collective of ``num_params * k + 2`` numbers per product.
+
+    Raises:
+        ValueError: ``data`` is empty, or the model has no trainable parameters.
+        TypeError: Neither or both of ``loss_fn`` / ``batch_loss``, or ``data`` is a one-shot
+            iterator.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_hessian import HessianOperator
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+        >>> op = HessianOperator(model, nn.functional.cross_entropy, data)
+        >>> op.num_params
+        67
+        >>> op.matvec(torch.ones(op.num_params)).shape
+        torch.Size([67])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None = None,
+        data: Iterable[Any] | None = None,
+        *,
+        batch_loss: BatchLossFn | None = None,
+        batch_size_fn: Callable[[Any], float] | None = None,
+        backend: Backend = "auto",
+        train_mode_batchnorm: bool = False,
+        max_batched_vectors: int | None = None,
+        device: torch.device | str | None = None,
+        cache_batches: bool = False,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if (loss_fn is None) == (batch_loss is None):
+            raise TypeError(
+                "Pass exactly one of `loss_fn` (for (inputs, targets) batches) and `batch_loss` "
+                "(for any other batch structure)."
+            )
+        if data is None:
+            raise ValueError("`data` is required: a list of batches or a DataLoader over the analysis set.")
+        if isinstance(data, Iterator):
+            raise TypeError(
+                "`data` must be re-iterable (a list or a DataLoader); a one-shot iterator or "
+                "generator would be exhausted after the first product. Wrap it in list(...)."
+            )
+        if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
+            raise ValueError("`data` is empty: the analysis set needs at least one batch.")
+        if backend not in ("auto", "func", "autograd"):
+            raise ValueError(f"`backend` must be 'auto', 'func' or 'autograd', got {backend!r}.")
+        if max_batched_vectors is not None and max_batched_vectors < 1:
+            raise ValueError(f"`max_batched_vectors` must be >= 1 or None, got {max_batched_vectors}.")
+
+        self.model = model
+        self.data = data
+        self.batch_size_fn = batch_size_fn or _default_batch_size
+        self.train_mode_batchnorm = bool(train_mode_batchnorm)
+        self.max_batched_vectors = max_batched_vectors
+        self.cache_batches = bool(cache_batches)
+        self.all_reduce = all_reduce
+        self._backend: Backend = backend
+        self._fallback_warned = False
+        self._cached: list[tuple[Any, float]] | None = None
+        self._num_hvps = 0
+
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                "The model has no trainable parameters (requires_grad=True); there is no Hessian "
+                "to analyse. Unfreeze at least one parameter."
+            )
+        self._names = [f"model.{name}" for name, _ in named]
+        self._params = [p for _, p in named]
+        self._numels = [p.numel() for p in self._params]
+        self._offsets = [0]
+        for numel in self._numels:
+            self._offsets.append(self._offsets[-1] + numel)
+        self._device = torch.device(device) if device is not None else self._params[0].device
+        self._wrapper = _LossModule(model, loss_fn, batch_loss)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_params(self) -> int:
+        """Number of trainable parameters ``n`` (the operator is ``n x n``)."""
+        return self._offsets[-1]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters (and of the operator's outputs)."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the parameters, in which products are computed."""
+        return self._params[0].dtype
+
+    @property
+    def num_hvps(self) -> int:
+        """Running count of Hessian-vector products (columns multiplied over the whole data)."""
+        return self._num_hvps
+
+    @property
+    def backend(self) -> str:
+        """The HVP path in use: ``"func"``, ``"autograd"``, or ``"auto"`` before the first product."""
+        return self._backend
+
+    def reset_num_hvps(self) -> None:
+        """Set :attr:`num_hvps` back to zero."""
+        self._num_hvps = 0
+
+    # ------------------------------------------------------------------ flat <-> params
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors (in parameter order) into one flat vector."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vector: Tensor) -> list[Tensor]:
+        """Split a flat vector into views shaped like the trainable parameters."""
+        return [
+            vector[self._offsets[i] : self._offsets[i + 1]].view_as(p) for i, p in enumerate(self._params)
+        ]
+
+    def parameters(self) -> list[Tensor]:
+        """The trainable parameters, in the order of the flat vectors."""
+        return list(self._params)
+
+    def parameter_names(self) -> list[str]:
+        """Names of the trainable parameters (as in ``model.named_parameters()``)."""
+        return [name[len("model.") :] for name in self._names]
+
+    # ------------------------------------------------------------------ data
+
+    def _batches(self) -> Iterator[tuple[Any, float]]:
+        if self._cached is not None:
+            yield from self._cached
+            return
+        collected: list[tuple[Any, float]] = []
+        count = 0
+        for batch in self.data:
+            moved = _move(batch, self.device)
+            weight = float(self.batch_size_fn(moved))
+            if not math.isfinite(weight) or weight <= 0:
+                raise ValueError(f"Batch weight must be positive and finite, got {weight}.")
+            count += 1
+            if self.cache_batches:
+                collected.append((moved, weight))
+            yield moved, weight
+        if count == 0 and self.all_reduce is None:
+            raise ValueError("`data` yielded no batches: the analysis set is empty.")
+        if self.cache_batches:
+            self._cached = collected
+
+    # ------------------------------------------------------------------ per-batch HVPs
+
+    def _func_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Forward-over-reverse HVP of one batch; tangents have a leading probe dimension."""
+        names = self._names
+        wrapper = self._wrapper
+        primals = tuple(p.detach() for p in self._params)
+
+        def loss_and_aux(params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+            loss = torch.func.functional_call(wrapper, dict(zip(names, params)), (batch,))
+            return loss, loss.detach()
+
+        grad_fn = torch.func.grad(loss_and_aux, has_aux=True)
+
+        def hvp_one(tangent: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Tensor]:
+            _, hvp, loss = torch.func.jvp(grad_fn, (primals,), (tangent,), has_aux=True)
+            return hvp, loss
+
+        hvps, losses = torch.func.vmap(hvp_one, chunk_size=self.max_batched_vectors)(tuple(tangents))
+        return list(hvps), losses.reshape(-1)[0]
+
+    def _autograd_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Double-backward HVP of one batch; tangents have a leading probe dimension."""
+        params = self._params
+        loss = self._wrapper(batch)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        pairs = [(g, p) for g, p in zip(grads, params)]
+        used = [i for i, (g, _) in enumerate(pairs) if g is not None and g.requires_grad]
+        k = tangents[0].shape[0]
+        out = [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+        if not used:
+            return out, loss.detach()
+        g_used = [grads[i] for i in used]
+        for start in range(0, k, self.max_batched_vectors or k):
+            stop = min(k, start + (self.max_batched_vectors or k))
+            for j in range(start, stop):
+                hv = torch.autograd.grad(
+                    g_used,
+                    params,
+                    grad_outputs=[tangents[i][j] for i in used],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                for i, h in enumerate(hv):
+                    if h is not None:
+                        out[i][j] = h
+        return out, loss.detach()
+
+    def _batch_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        if self._backend == "autograd":
+            return self._autograd_hvp(batch, tangents)
+        if self._backend == "func":
+            return self._func_hvp(batch, tangents)
+        try:  # "auto": decide once, on the first batch
+            result = self._func_hvp(batch, tangents)
+        except (RuntimeError, NotImplementedError) as err:
+            if isinstance(err, HessianComputationError):
+                raise
+            try:
+                result = self._autograd_hvp(batch, tangents)
+            except Exception:
+                raise err from None
+            self._backend = "autograd"
+            if not self._fallback_warned:
+                self._fallback_warned = True
+                warnings.warn(
+                    "Forward-over-reverse HVP (torch.func) failed for this model "
+                    f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); falling back to "
+                    "double backward. Pass backend='autograd' to silence this warning.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return result
+        self._backend = "func"
+        return result
+
+    # ------------------------------------------------------------------ products
+
+    def _local_products(self, matrix: Tensor) -> tuple[Tensor, float, float]:
+        """Unnormalised sum over local batches of ``|b| * H_b V`` (float64), total weight, loss sum."""
+        k = matrix.shape[1]
+        acc = torch.zeros((self.num_params, k), dtype=torch.float64, device=self.device)
+        tangents = []
+        for i, p in enumerate(self._params):
+            block = matrix[self._offsets[i] : self._offsets[i + 1]]
+            tangents.append(block.t().to(dtype=p.dtype, device=p.device).reshape(k, *p.shape).contiguous())
+        total_weight = 0.0
+        loss_sum = 0.0
+        for batch, weight in self._batches():
+            hvps, loss = self._batch_hvp(batch, tangents)
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"The loss is {loss_value} on an analysis batch; the Hessian is undefined there."
+                )
+            for i, h in enumerate(hvps):
+                acc[self._offsets[i] : self._offsets[i + 1]].add_(h.reshape(k, -1).t().to(torch.float64), alpha=weight)
+            total_weight += weight
+            loss_sum += weight * loss_value
+        return acc, total_weight, loss_sum
+
+    def _guarded(self) -> contextlib.AbstractContextManager[None]:
+        stack = contextlib.ExitStack()
+        stack.enter_context(preserved_model_state(self.model))
+        stack.enter_context(_analysis_mode(self.model, self.train_mode_batchnorm))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast(device_type=self.device.type, enabled=False))
+        return stack
+
+    def _products(self, matrix: Tensor) -> tuple[Tensor, float]:
+        with self._guarded():
+            if self.all_reduce is None:
+                acc, weight, loss_sum = self._local_products(matrix)
+            else:
+                acc, weight, loss_sum = self._distributed_products(matrix)
+        if weight <= 0:
+            raise ValueError("`data` yielded no batches: the analysis set is empty.")
+        return acc / weight, loss_sum / weight
+
+    def _distributed_products(self, matrix: Tensor) -> tuple[Tensor, float, float]:
+        # Every process joins the collective even when its own shard failed; the failure is
+        # shared through a flag so that no process hangs and all raise the same error.
+        assert self.all_reduce is not None
+        k = matrix.shape[1]
+        failure: BaseException | None = None
+        try:
+            acc, weight, loss_sum = self._local_products(matrix)
+        except Exception as err:  # noqa: BLE001 - re-raised after the collective
+            failure = err
+            acc = torch.zeros((self.num_params, k), dtype=torch.float64, device=self.device)
+            weight, loss_sum = 0.0, 0.0
+        flags = torch.tensor(
+            [weight, loss_sum if math.isfinite(loss_sum) else 0.0, 1.0 if failure is not None else 0.0],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        packed = torch.cat([acc.reshape(-1), flags])
+        packed = self.all_reduce(packed)
+        if failure is not None:
+            raise failure
+        if packed[-1].item() > 0:
+            raise NonFiniteHVPError("Another process failed while computing its share of a Hessian-vector product.")
+        acc = packed[: acc.numel()].reshape(self.num_params, k)
+        return acc, float(packed[-3]), float(packed[-2])
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        """Products ``H @ V`` for ``V`` of shape ``[num_params, k]``.
+
+        Returns a tensor of ``V``'s dtype on :attr:`device`. Counts ``k`` HVPs.
+
+        Raises:
+            NonFiniteLossError: The loss is NaN/Inf on some batch.
+            NonFiniteHVPError: The product contains NaN/Inf.
+        """
+        _check_matrix(matrix, self.num_params)
+        if matrix.shape[1] == 0:
+            return matrix.new_zeros((self.num_params, 0), device=self.device)
+        result, _ = self._products(matrix)
+        self._num_hvps += matrix.shape[1]
+        if not torch.isfinite(result).all():
+            raise NonFiniteHVPError(
+                "A Hessian-vector product contains NaN or Inf although the loss is finite "
+                "(overflow in the model's dtype?)."
+            )
+        return result.to(matrix.dtype if torch.is_floating_point(matrix) else torch.float64)
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        """Product ``H @ v`` for a flat vector ``v`` of length :attr:`num_params`."""
+        return _matvec_via_matmat(self, vector)
+
+    def loss(self) -> float:
+        """The size-weighted mean loss over ``data`` (one forward pass per batch, no HVP)."""
+        total, weight = 0.0, 0.0
+        with self._guarded(), torch.no_grad():
+            for batch, w in self._batches():
+                total += w * float(self._wrapper(batch))
+                weight += w
+        if self.all_reduce is not None:
+            packed = self.all_reduce(torch.tensor([total, weight], dtype=torch.float64, device=self.device))
+            total, weight = float(packed[0]), float(packed[1])
+        if weight <= 0:
+            raise ValueError("`data` yielded no batches: the analysis set is empty.")
+        return total / weight
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_params={self.num_params}, device={self.device}, "
+            f"dtype={self.dtype}, backend={self._backend!r}, train_mode_batchnorm={self.train_mode_batchnorm})"
+        )

@@ -1,0 +1,663 @@
+"""Tests of :func:`lightning_hessian.volume.local_volume` (METHODS.md §4, paper §3)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_hessian._radius import find_radii
+from lightning_hessian.errors import HessianComputationError
+from lightning_hessian.volume import (
+    VolumeComputationError,
+    init_prior_std,
+    local_volume,
+    log_radial_gaussian_integral,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # Tiny models: intra-op threads only add overhead (and oversubscribe a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: an exactly quadratic cost, and a trained digits MLP
+# --------------------------------------------------------------------------------------------
+
+OUT, IN, N = 4, 10, 200
+
+
+def _quadratic_problem(curvatures: torch.Tensor, n_rows: int = N, seed: int = 1):
+    """Linear model f(x) = W x with inputs whose Gram matrix X^T X / N = diag(curvatures).
+
+    With the Gaussian-output cost C = 1/2 mean ||(W' - W) x||^2 the cost is exactly
+    1/2 d^T F d with F = diag(curvatures) repeated for every output row (row-major W).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n_rows, curvatures.numel(), generator=gen, dtype=torch.float64))
+    x = q * curvatures.sqrt() * math.sqrt(n_rows)
+    model = nn.Linear(curvatures.numel(), OUT, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(0.1 * torch.randn(OUT, curvatures.numel(), generator=gen, dtype=torch.float64))
+    half = n_rows // 2
+    data = [(x[:half],), (x[half:],)]
+    return model, data, curvatures.repeat(OUT)
+
+
+def _closed_form_log_volume(fisher_diag: torch.Tensor, cutoff: float) -> float:
+    n = fisher_diag.numel()
+    return (
+        0.5 * n * math.log(math.pi)
+        - math.lgamma(0.5 * n + 1)
+        + 0.5 * n * math.log(2 * cutoff)
+        - 0.5 * float(fisher_diag.log().sum())
+    )
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """MLP 64-64-10 with ReLU (4,810 parameters) trained briefly with Adam on sklearn digits."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    x_np, y_np = sklearn_datasets.load_digits(return_X_y=True)
+    x = torch.tensor(x_np / 16.0, dtype=torch.float32)  # inputs scaled to [0, 1]
+    y = torch.tensor(y_np)
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=gen)
+    n_analysis = len(x) // 10  # analysis set: 10 % of the data (179 images)
+    analysis, train = perm[:n_analysis], perm[n_analysis:]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    prior = init_prior_std(model)  # snapshot at initialisation
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        idx = train[torch.randint(0, len(train), (128,), generator=gen)]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    data = [(x[analysis[:90]], y[analysis[:90]]), (x[analysis[90:]], y[analysis[90:]])]
+    return model, optimizer, data, prior
+
+
+@pytest.fixture(scope="module")
+def digits_estimates(digits):
+    """Naive and Adam-preconditioned KL-cost estimates under the Gaussian measure N(0, 1)."""
+    model, optimizer, data, _ = digits
+    naive = local_volume(model, data, prior_std=1.0, num_directions=100, seed=0)
+    adam = local_volume(model, data, prior_std=1.0, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer)
+    return naive, adam
+
+
+# --------------------------------------------------------------------------------------------
+# Closed forms
+# --------------------------------------------------------------------------------------------
+
+
+def test_quadratic_lebesgue_matches_closed_form_with_exact_preconditioner():
+    curv = torch.logspace(-1, 1, IN, dtype=torch.float64)
+    model, data, fisher = _quadratic_problem(curv)
+    cutoff = 1e-2
+    closed = _closed_form_log_volume(fisher, cutoff)
+    k = 50
+    exact = local_volume(
+        model, data, cost="gaussian", measure="lebesgue", cutoff=cutoff, num_directions=k, preconditioner=fisher.rsqrt()
+    )
+    naive = local_volume(model, data, cost="gaussian", measure="lebesgue", cutoff=cutoff, num_directions=k)
+    assert exact.num_params == OUT * IN
+    assert abs(exact.log_volume - closed) < 1.0
+    assert abs(exact.log_volume - closed) < 1e-6  # zero-variance estimator, radii to ~1e-10
+    assert exact.log_contribution_std < 1e-8
+    assert naive.log_volume < closed + math.log(k)
+    assert naive.log_volume < exact.log_volume - 1.0
+    assert naive.num_capped == exact.num_capped == 0
+    assert math.isclose(exact.lebesgue_log_volume, exact.log_volume)
+    assert math.isclose(exact.description_length_bits, -exact.log_volume / math.log(2))
+    assert math.isclose(exact.log10_probability, exact.log_volume / math.log(10))
+    # Hutchinson's diag(H) is exact for a diagonal Hessian: the "hessian_diag" preconditioner
+    # with eps = 0 is the exact one.
+    hdiag = local_volume(
+        model,
+        data,
+        cost="gaussian",
+        measure="lebesgue",
+        cutoff=cutoff,
+        num_directions=8,
+        preconditioner="hessian_diag",
+        preconditioner_eps=0.0,
+        preconditioner_probes=4,
+    )
+    assert abs(hdiag.log_volume - closed) < 1e-6
+    assert hdiag.preconditioner_hvps == 4
+
+
+def test_loss_cost_on_least_squares_matches_closed_form():
+    # L(w) = mean (x^T w - y)^2 at its minimiser: L(w) - L(w*) = d^T (X^T X / N) d, F = 2 diag(curv).
+    curv = torch.logspace(-0.5, 0.5, IN, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(N, IN, generator=gen, dtype=torch.float64))
+    x = q * curv.sqrt() * math.sqrt(N)
+    y = x @ torch.randn(IN, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(N, generator=gen, dtype=torch.float64)
+    model = nn.Linear(IN, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y.unsqueeze(1)).solution.t())
+    data = [(x[:100], y[:100]), (x[100:], y[100:])]
+    fisher = 2 * curv
+    closed = _closed_form_log_volume(fisher, 1e-2)
+
+    def mse(out, target):
+        return F.mse_loss(out.squeeze(-1), target)
+
+    est = local_volume(model, data, cost="loss", loss_fn=mse, measure="lebesgue", num_directions=10, preconditioner=fisher.rsqrt())
+    assert abs(est.log_volume - closed) < 1e-6
+    est2 = local_volume(
+        model,
+        data,
+        cost="loss",
+        batch_loss=lambda m, b: mse(m(b[0]), b[1]),
+        measure="lebesgue",
+        num_directions=10,
+        preconditioner=fisher.rsqrt(),
+    )
+    assert abs(est2.log_volume - est.log_volume) < 1e-9
+
+
+def _ball_problem(weight_scale: float, seed: int = 2):
+    """Orthonormal inputs: the Gaussian-output cost is 1/2 ||W' - W||_F^2 (a ball of radius sqrt(2c))."""
+    out_dim, in_dim, rows = 4, 16, 64
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(rows, in_dim, generator=gen, dtype=torch.float64))
+    model = nn.Linear(in_dim, out_dim, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(weight_scale * torch.randn(out_dim, in_dim, generator=gen, dtype=torch.float64))
+    return model, [(q * math.sqrt(rows),)], out_dim * in_dim
+
+
+@pytest.mark.parametrize(
+    ("weight_scale", "prior_std", "cutoff"),
+    [
+        (0.0, 0.05, 1e-2),  # central chi^2, r < t*
+        (0.0, 0.015, 1e-2),  # central chi^2, r > t* (probability close to one)
+        (0.002, 0.02, 1e-2),  # non-central, r < t*
+        (0.002, 0.012, 1e-2),  # non-central, r > t*
+    ],
+)
+def test_ball_gaussian_measure_matches_ncx2(weight_scale, prior_std, cutoff):
+    stats = pytest.importorskip("scipy.stats")
+    model, data, n = _ball_problem(weight_scale)
+    radius = math.sqrt(2 * cutoff)
+    lam = float((model.weight.detach() ** 2).sum()) / prior_std**2
+    exact = float(stats.ncx2.logcdf(radius**2 / prior_std**2, n, lam) if lam > 0 else stats.chi2.logcdf(radius**2 / prior_std**2, n))
+    est = local_volume(model, data, cost="gaussian", cutoff=cutoff, prior_std=prior_std, num_directions=100)
+    assert abs(est.log_volume - exact) < 0.1, (est.log_volume, exact)
+    # Every direction has the same, known radius.
+    assert torch.all((est.log_radii - math.log(radius)).abs() <= 1e-4)
+    assert est.description_length_bits == pytest.approx(-est.log_volume / math.log(2))
+
+
+def test_radial_integral_against_incomplete_gamma_and_quadrature():
+    special = pytest.importorskip("scipy.special")
+    np = pytest.importorskip("numpy")
+    f64 = torch.float64
+    # b = 0: 1/2 (2/a)^{n/2} gamma_lower(n/2, a r^2 / 2)
+    for n in (50, 500, 4810, 10**6):
+        for a in (0.5, 3.0):
+            t_star = math.sqrt((n - 1) / a)
+            for r in (0.1 * t_star, 0.9 * t_star, t_star, 1.5 * t_star, 30 * t_star):
+                reg = special.gammainc(n / 2, a * r * r / 2)  # regularised lower incomplete gamma
+                if not reg > 0:  # underflows for r far below t* at large n
+                    continue
+                exact = math.log(0.5) + (n / 2) * math.log(2 / a) + special.gammaln(n / 2) + math.log(reg)
+                got = log_radial_gaussian_integral(torch.tensor([a], dtype=f64), torch.zeros(1, dtype=f64), n, torch.tensor([r], dtype=f64))
+                assert abs(float(got) - exact) < 0.25 / math.sqrt(n), (n, a, r, float(got), exact)
+    # b != 0: quadrature in log space
+    for n in (50, 400):
+        for a, b in ((0.3, -5.0), (2.0, 0.5), (2.0, 5.0), (0.3, 40.0)):
+            for r in (0.2, 1.0, 5.0):
+                ts = np.linspace(1e-12, r, 400001)
+                g = -0.5 * a * ts * ts - b * ts + (n - 1) * np.log(ts)
+                exact = g.max() + math.log(np.trapezoid(np.exp(g - g.max()), ts))
+                got = log_radial_gaussian_integral(torch.tensor([a], dtype=f64), torch.tensor([b], dtype=f64), n, torch.tensor([r], dtype=f64))
+                assert abs(float(got) - exact) < 0.25 / math.sqrt(n), (n, a, b, r, float(got), exact)
+
+
+# --------------------------------------------------------------------------------------------
+# Radius finder
+# --------------------------------------------------------------------------------------------
+
+
+def _known_root_problem(num: int):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.exp(2 * torch.randn(num, generator=gen, dtype=torch.float64))
+    kappa = 0.6 * torch.rand(num, generator=gen, dtype=torch.float64)
+    cutoff = 1e-2
+
+    def cost(idx, t):  # near quadratic: 1/2 a t^2 (1 + kappa t + 0.3 kappa t^2)
+        return 0.5 * a[idx] * t**2 * (1 + kappa[idx] * t + 0.3 * kappa[idx] * t**2)
+
+    # Known roots to machine precision by bisection on the monotone cost.
+    lo = torch.full((num,), 1e-12, dtype=torch.float64)
+    hi = torch.full((num,), 1e3, dtype=torch.float64)
+    idx = torch.arange(num)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        above = cost(idx, mid) >= cutoff
+        hi = torch.where(above, mid, hi)
+        lo = torch.where(above, lo, mid)
+    return cost, cutoff, 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("x0", [-5.0, 0.0, 3.0])
+def test_radius_finder_accuracy_and_passes(x0):
+    num = 200
+    cost, cutoff, roots = _known_root_problem(num)
+    calls = []
+
+    def evaluate(idx, t):
+        calls.append(len(idx))
+        return cost(idx, t)
+
+    res = find_radii(evaluate, torch.full((num,), x0, dtype=torch.float64), cutoff=cutoff, rel_tol=1e-4)
+    rel_err = (res.log_radius.exp() - roots).abs() / roots
+    assert res.converged.all() and not res.capped.any()
+    assert rel_err.max() <= 1e-4
+    assert res.evaluations.double().mean() <= 8
+    assert sum(calls) == int(res.evaluations.sum())  # one batched call per iteration
+    bis = find_radii(cost, torch.full((num,), x0, dtype=torch.float64), cutoff=cutoff, rel_tol=1e-4, method="bisection")
+    assert ((bis.log_radius.exp() - roots).abs() / roots).max() <= 1e-4
+    assert bis.evaluations.double().mean() >= 2.5 * res.evaluations.double().mean()
+
+
+def test_radius_finder_exact_quadratic_needs_three_evaluations_and_caps():
+    a = torch.tensor([1.0, 4.0, 0.0], dtype=torch.float64)
+    res = find_radii(lambda idx, t: 0.5 * a[idx] * t**2, torch.zeros(3, dtype=torch.float64), cutoff=1e-2, log_max_radius=math.log(1e3))
+    assert res.evaluations[:2].tolist() == [3, 3]
+    assert torch.allclose(res.log_radius[:2], torch.log(torch.sqrt(2e-2 / a[:2])), atol=1e-12)
+    assert res.capped.tolist() == [False, False, True]
+    assert res.log_radius[2] == pytest.approx(math.log(1e3))
+
+
+def test_unconverged_directions_are_reported_conservatively():
+    model, data, n = _ball_problem(0.0)
+    radius = math.sqrt(2e-2)
+    est = local_volume(model, data, cost="gaussian", measure="lebesgue", num_directions=4, max_evaluations=2)
+    assert est.num_unconverged == 4 and not est.converged.any()
+    assert torch.all(est.evaluations == 2)
+    # The reported radius is a point known to be inside (or -inf): never above the true one.
+    assert torch.all(est.log_radii <= math.log(radius) + 1e-12)
+
+
+def test_known_radii_of_a_non_quadratic_cost_end_to_end():
+    # A model that returns its own (anchor-centred) weights: with cost 1/2 d^2 + d^4 (d = ||W' - W||)
+    # every direction's radius solves 1/2 r^2 + r^4 = c.
+    class Weights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            return self.w.unsqueeze(0).expand(x.shape[0], -1)
+
+    def cost(outputs, anchor, batch):
+        d2 = ((outputs - anchor) ** 2).sum(-1)
+        return 0.5 * d2 + d2**2
+
+    cutoff = 0.3
+    true_r = math.sqrt((-0.5 + math.sqrt(0.25 + 4 * cutoff)) / 2)
+    est = local_volume(Weights(), [(torch.zeros(3, 1),)], cost=cost, cutoff=cutoff, measure="lebesgue", num_directions=20)
+    rel_err = (est.log_radii.exp() - true_r).abs() / true_r
+    assert rel_err.max() <= 1e-4
+    assert est.forward_passes_per_direction <= 8
+
+
+# --------------------------------------------------------------------------------------------
+# The digits MLP (the paper's small network)
+# --------------------------------------------------------------------------------------------
+
+
+def test_digits_adam_preconditioner_beats_naive(digits, digits_estimates):
+    naive, adam = digits_estimates
+    assert naive.num_params == adam.num_params == 4810
+    assert naive.measure == adam.measure == "gaussian"
+    assert adam.preconditioner == "adam" and naive.preconditioner == "none"
+    for est in (naive, adam):
+        assert math.isfinite(est.log_volume) and est.log_volume < 0
+        assert est.num_capped == 0 and est.num_unconverged == 0
+        assert est.log_contributions.shape == (100,)
+        assert est.log_volume == pytest.approx(float(torch.logsumexp(est.log_contributions, 0)) - math.log(100))
+        assert est.log_volume >= float(est.log_contributions.max()) - math.log(100)
+    # The paper's central empirical result: a larger (hence better) estimate, smaller spread.
+    assert adam.log_volume > naive.log_volume + 100
+    assert adam.log_contribution_std < naive.log_contribution_std
+    # Under the (much narrower) initialisation prior, s ~ 0.07, radii (~2.7) are comparable to
+    # the prior's own scale (t* ~ s sqrt(n) ~ 5) and eps = 1e-3 over-stretches the flat
+    # directions; a milder eps = 1e-2 still wins, with a smaller spread.
+    model, optimizer, data, prior = digits
+    naive_init = local_volume(model, data, prior_std=prior, num_directions=100, seed=0)
+    adam_init = local_volume(
+        model, data, prior_std=prior, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer, preconditioner_eps=1e-2
+    )
+    assert adam_init.log_volume > naive_init.log_volume
+    assert adam_init.log_contribution_std < naive_init.log_contribution_std
+
+
+def test_digits_forward_passes_versus_bisection(digits, digits_estimates):
+    model, _, data, prior = digits
+    naive, adam = digits_estimates
+    assert naive.forward_passes_per_direction <= 8
+    assert adam.forward_passes_per_direction <= 8
+    assert naive.num_forward_passes == int(naive.evaluations.sum()) + 1
+    bis = local_volume(model, data, prior_std=prior, num_directions=20, seed=0, root_finder="bisection")
+    sec = local_volume(model, data, prior_std=prior, num_directions=20, seed=0)
+    assert bis.forward_passes_per_direction >= 2.5 * sec.forward_passes_per_direction
+    # Same tolerance, same directions: the radii agree to the tolerance.
+    assert torch.all((bis.log_radii - sec.log_radii).abs() <= 2e-4)
+
+
+def test_directions_do_not_depend_on_grouping(digits):
+    model, _, data, prior = digits
+    a = local_volume(model, data, prior_std=prior, num_directions=12, seed=5)
+    b = local_volume(model, data, prior_std=prior, num_directions=12, seed=5, directions_per_batch=5)
+    assert torch.allclose(a.log_direction_norms, b.log_direction_norms)
+    assert torch.all((a.log_radii - b.log_radii).abs() <= 2e-4)
+    c = local_volume(model, data, prior_std=prior, num_directions=12, seed=6)
+    assert not torch.allclose(a.log_radii, c.log_radii)
+
+
+# --------------------------------------------------------------------------------------------
+# Side effects, distributed reduction, costs
+# --------------------------------------------------------------------------------------------
+
+
+def _snapshot(model, optimizer):
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "modes": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "opt": copy.deepcopy(optimizer.state_dict()),
+        "rng": torch.get_rng_state().clone(),
+    }
+
+
+def _assert_same(before, after):
+    assert before["state"].keys() == after["state"].keys()
+    for key in before["state"]:
+        assert torch.equal(before["state"][key], after["state"][key]), key
+    for g0, g1 in zip(before["grads"], after["grads"]):
+        assert (g0 is None and g1 is None) or torch.equal(g0, g1)
+    assert before["modes"] == after["modes"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert torch.equal(before["rng"], after["rng"])
+    s0, s1 = before["opt"], after["opt"]
+    assert s0["param_groups"] == s1["param_groups"]
+    for pid, st in s0["state"].items():
+        for key, value in st.items():
+            other = s1["state"][pid][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+def test_no_side_effects_on_model_optimizer_and_rng():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.3), nn.Linear(12, 3))
+    model[0].bias.requires_grad_(False)  # a frozen parameter is not perturbed
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.train()
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    before = _snapshot(model, optimizer)
+    for kwargs in (
+        dict(preconditioner="adam", optimizer=optimizer),
+        dict(preconditioner="adam_exp_avg", optimizer=optimizer),
+        dict(preconditioner="hessian_diag", preconditioner_probes=4),
+        dict(measure="lebesgue"),
+        dict(cost="loss", loss_fn=F.cross_entropy, measure="lebesgue"),
+    ):
+        est = local_volume(model, data, num_directions=4, prior_std=init_prior_std(model), **kwargs)
+        assert est.num_params == sum(p.numel() for p in model.parameters()) - 12
+        _assert_same(before, _snapshot(model, optimizer))
+    assert model.training and model[3].training
+
+
+class _ThreadGroup:
+    """Fake process group: ranks are threads; all_reduce sums the ranks' tensors in rank order."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.slots: list[torch.Tensor | None] = [None] * world
+
+    def all_reduce(self, rank: int):
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = tensor.detach().clone()
+            self.barrier.wait()
+            total = self.slots[0].clone()
+            for other in self.slots[1:]:
+                total += other
+            self.barrier.wait()
+            return total
+
+        return reduce
+
+
+def _run_ranks(model, optimizer, shards, **kwargs):
+    """Run local_volume on one model replica per shard, in threads joined by a fake all_reduce."""
+    group = _ThreadGroup(len(shards))
+    results: list = [None] * len(shards)
+    errors: list = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            replica = copy.deepcopy(model)
+            opt = torch.optim.Adam(replica.parameters())
+            opt.load_state_dict(optimizer.state_dict())
+            results[rank] = local_volume(replica, shards[rank], all_reduce=group.all_reduce(rank), optimizer=opt, **kwargs)
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+def test_two_shard_all_reduce_equals_single_process(digits):
+    model, optimizer, data, prior = digits
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    batches = [(x[i : i + 45], y[i : i + 45]) for i in range(0, len(x), 45)]
+    kwargs = dict(prior_std=prior, num_directions=16, preconditioner="adam")
+    single = local_volume(model, batches, seed=3, optimizer=optimizer, **kwargs)
+    identity = local_volume(model, batches, seed=3, optimizer=optimizer, all_reduce=lambda t: t, **kwargs)
+    assert identity.log_volume == pytest.approx(single.log_volume, abs=1e-8)
+
+    results = _run_ranks(model, optimizer, [batches[:2], batches[2:]], seed=3, **kwargs)
+    for res in results:
+        assert res.log_volume == pytest.approx(single.log_volume, abs=1e-8)
+        assert torch.allclose(res.log_radii, single.log_radii, atol=1e-10, rtol=0)
+        assert torch.equal(res.evaluations, single.evaluations)
+    # seed=None: each rank draws its own seed, the reduced (summed) seed is shared.
+    kwargs["num_directions"] = 4
+    unseeded = _run_ranks(model, optimizer, [batches[:2], batches[2:]], seed=None, **kwargs)
+    assert torch.equal(unseeded[0].log_radii, unseeded[1].log_radii)
+
+
+def test_sequence_outputs_with_mask_equal_truncated_sequences():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))  # per-position classifier
+    x = torch.randn(2, 6, 7, 5)  # 2 batches of [B=6, T=7, features]
+    mask = torch.zeros(6, 7, dtype=torch.bool)
+    mask[:, :4] = True
+    full = [(x[i],) for i in range(2)]
+    truncated = [(x[i, :, :4],) for i in range(2)]
+    a = local_volume(model, full, mask_fn=lambda b: mask, num_directions=6, measure="lebesgue")
+    b = local_volume(model, truncated, num_directions=6, measure="lebesgue")
+    assert a.log_volume == pytest.approx(b.log_volume, abs=1e-6)
+    c = local_volume(model, full, num_directions=6, measure="lebesgue")
+    assert abs(c.log_volume - b.log_volume) > 1e-3
+
+
+def test_vmap_fallback_gives_the_same_answer():
+    class NotVmappable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            if self.lin.weight.sum().item() > 1e9:  # .item() is not vmap-compatible
+                raise AssertionError
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = NotVmappable()
+    data = [(torch.randn(16, 4),)]
+    with pytest.warns(RuntimeWarning, match="vmap"):
+        slow = local_volume(model, data, num_directions=5)
+    plain = nn.Linear(4, 3)
+    plain.load_state_dict(model.lin.state_dict())
+    fast = local_volume(plain, data, num_directions=5)
+    assert slow.log_volume == pytest.approx(fast.log_volume, abs=1e-6)
+
+
+def test_gaussian_measure_finite_when_lebesgue_is_capped():
+    # bias[1] has no effect on the outputs; P concentrated on it makes every direction (nearly)
+    # flat, so every radius hits max_radius: the Lebesgue volume is infinite, the Gaussian finite.
+    model = nn.Linear(3, 2).double()
+    data = [(torch.randn(8, 3, dtype=torch.float64),)]
+
+    def output_fn(m, batch):
+        out = m(batch[0])
+        return torch.cat([out[:, :1], out[:, 1:] - m.bias[1]], dim=1)
+
+    p = torch.ones(8, dtype=torch.float64)
+    p[-1] = 1e12  # flat order: weight (6 entries), then bias (2 entries)
+    kwargs = dict(output_fn=output_fn, preconditioner=p, num_directions=3, max_radius=50.0)
+    leb = local_volume(model, data, measure="lebesgue", **kwargs)
+    assert leb.num_capped == 3 and leb.capped.all()
+    assert leb.log_volume == math.inf and leb.description_length_bits == -math.inf
+    assert torch.isfinite(leb.lebesgue_log_contributions).all()
+    assert torch.allclose(leb.log_radii, torch.full((3,), math.log(50.0), dtype=torch.float64))
+    gauss = local_volume(model, data, **kwargs)
+    assert gauss.num_capped == 3 and math.isfinite(gauss.log_volume) and gauss.log_volume < 0
+
+
+# --------------------------------------------------------------------------------------------
+# Prior helper and input validation
+# --------------------------------------------------------------------------------------------
+
+
+def test_init_prior_std_fallbacks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 20), nn.LayerNorm(20), nn.Linear(20, 2))
+    nn.init.zeros_(model[0].bias)
+    stds = init_prior_std(model, fallback=0.5)
+    assert set(stds) == {name for name, _ in model.named_parameters()}
+    assert stds["0.weight"] == pytest.approx(float(model[0].weight.detach().double().std(unbiased=False)))
+    assert stds["0.bias"] == stds["0.weight"]  # zero-initialised bias -> its weight's std
+    assert stds["1.weight"] == stds["1.bias"] == 0.5  # constant LayerNorm affine -> fallback
+    assert stds["2.bias"] == pytest.approx(float(model[2].bias.detach().double().std(unbiased=False)))
+    # Per-tensor mappings (floats or tensors) are accepted by local_volume.
+    data = [(torch.randn(8, 50),)]
+    est = local_volume(model, data, num_directions=2, prior_std=stds)
+    tensors = {k: torch.full(p.shape, stds[k], dtype=torch.float64) for k, p in model.named_parameters()}
+    est2 = local_volume(model, data, num_directions=2, prior_std=tensors)
+    assert est.log_volume == pytest.approx(est2.log_volume, abs=1e-9)
+    with pytest.raises(ValueError, match="no entry"):
+        local_volume(model, data, num_directions=2, prior_std={"0.weight": 1.0})
+
+
+def test_bad_inputs_raise_clearly():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    with pytest.raises(ValueError, match="cutoff"):
+        local_volume(model, data, cutoff=0.0)
+    with pytest.raises(ValueError, match="cutoff"):
+        local_volume(model, data, cutoff=-1e-2)
+    with pytest.raises(ValueError, match="num_directions"):
+        local_volume(model, data, num_directions=0)
+    with pytest.raises(TypeError, match="num_directions"):
+        local_volume(model, data, num_directions=2.5)
+    with pytest.raises(ValueError, match="preconditioner"):
+        local_volume(model, data, preconditioner="kfac")
+    with pytest.raises(ValueError, match="optimizer"):
+        local_volume(model, data, preconditioner="adam")
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(data[0][0]).sum().backward()
+    sgd.step()
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        local_volume(model, data, preconditioner="adam", optimizer=sgd)
+    fresh_adam = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match="at least one step"):
+        local_volume(model, data, preconditioner="adam", optimizer=fresh_adam)
+    with pytest.raises(ValueError, match="measure"):
+        local_volume(model, data, measure="uniform")
+    with pytest.raises(ValueError, match="cost"):
+        local_volume(model, data, cost="mse")
+    with pytest.raises(ValueError, match="init_prior_std"):
+        local_volume(model, data, prior_std="init")
+    with pytest.raises(ValueError, match="prior_std"):
+        local_volume(model, data, prior_std=0.0)
+    with pytest.raises(ValueError, match="root_finder"):
+        local_volume(model, data, root_finder="newton")
+    with pytest.raises(ValueError, match="positive"):
+        local_volume(model, data, preconditioner=-torch.ones(15))
+    with pytest.raises(ValueError, match="num_params"):
+        local_volume(model, data, preconditioner=torch.ones(3))
+    with pytest.raises(TypeError, match="floating"):
+        local_volume(model, data, output_fn=lambda m, b: m(b[0]).argmax(-1))
+    with pytest.raises(ValueError, match="class dimension"):
+        local_volume(model, data, output_fn=lambda m, b: m(b[0])[:, 0])
+    with pytest.raises(TypeError, match="loss_fn"):
+        local_volume(model, data, cost="loss")
+
+
+def test_nan_cost_raises_a_hessian_computation_error():
+    class Fragile(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.anchor = self.lin.weight.detach().clone()
+
+        def forward(self, x):
+            moved = (self.lin.weight - self.anchor).abs().max()
+            out = self.lin(x)
+            # NaN as soon as the weights move noticeably (long before the KL reaches the cutoff).
+            return out + torch.where(moved > 1e-3, torch.nan, 0.0)
+
+    torch.manual_seed(0)
+    model = Fragile()
+    data = [(torch.randn(8, 4),)]
+    with pytest.raises(VolumeComputationError, match="NaN") as info:
+        local_volume(model, data, num_directions=3, cutoff=10.0)
+    assert isinstance(info.value, HessianComputationError)
+    bad = nn.Linear(4, 3)
+    with torch.no_grad():
+        bad.bias.fill_(float("nan"))
+    with pytest.raises(HessianComputationError, match="anchor"):
+        local_volume(bad, data, num_directions=3)
+
+
+def test_no_warnings_on_the_common_path(digits):
+    model, optimizer, data, prior = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        local_volume(model, data, prior_std=prior, num_directions=3, preconditioner="adam", optimizer=optimizer)
