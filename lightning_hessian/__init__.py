@@ -1,7 +1,9 @@
 """lightning_hessian: watch the curvature of the loss while a model trains.
 
-Functional core (usable on any ``torch.nn.Module``): :class:`HessianOperator` and the estimators
-:func:`hessian_trace`, :func:`top_eigenvalues`, :func:`spectral_density`.
+Functional core (usable on any ``torch.nn.Module``, no Lightning needed): :class:`HessianOperator`
+and the estimators :func:`hessian_trace`, :func:`top_eigenvalues`, :func:`spectral_density`,
+:func:`local_volume`, and the pure :class:`TraceSharpDropDetector`. Lightning callbacks live in
+:mod:`lightning_hessian.callbacks`.
 """
 
 from lightning_hessian.density import SpectralDensity, spectral_density
@@ -9,7 +11,9 @@ from lightning_hessian.eigen import EigenResult, top_eigenvalues
 from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
 from lightning_hessian.lanczos import LanczosResult, lanczos
 from lightning_hessian.operator import CurvatureOperator, HessianOperator, MatrixOperator, preserved_model_state
+from lightning_hessian.sharp_drop import TraceHistory, TraceSharpDropDetector
 from lightning_hessian.trace import TraceEstimate, hessian_trace
+from lightning_hessian.volume import VolumeComputationError, VolumeEstimate, init_prior_std, local_volume
 
 __version__ = "0.1.0.dev0"
 
@@ -24,8 +28,14 @@ __all__ = [
     "NonFiniteLossError",
     "SpectralDensity",
     "TraceEstimate",
+    "TraceHistory",
+    "TraceSharpDropDetector",
+    "VolumeComputationError",
+    "VolumeEstimate",
     "hessian_trace",
+    "init_prior_std",
     "lanczos",
+    "local_volume",
     "preserved_model_state",
     "spectral_density",
     "top_eigenvalues",

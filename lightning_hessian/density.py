@@ -96,8 +96,22 @@ class SpectralDensity:
 
     @property
     def negative_mass(self) -> float:
-        r"""Estimated fraction of negative eigenvalues, :math:`\frac1R\sum_r\sum_i w_{ri} [\ell_{ri} < 0]`."""
-        return float(self.spectral_sum(lambda x: (x < 0).to(x.dtype)).mean())
+        r"""Estimated fraction of clearly negative eigenvalues (see :meth:`negative_fraction`)."""
+        return self.negative_fraction()
+
+    def negative_fraction(self, relative_threshold: float = 1e-3) -> float:
+        r"""Fraction of eigenvalues below :math:`-\tau`, :math:`\frac1R\sum_r\sum_i w_{ri}[\ell_{ri} < -\tau]`.
+
+        :math:`\tau` is ``relative_threshold`` times the spectral radius (largest :math:`|\ell|`).
+        Network Hessians have a huge mass of eigenvalues within a hair of zero whose signs a
+        quadrature with ~100 nodes cannot resolve (a node at :math:`\pm10^{-6}` carries a large
+        weight), so eigenvalues within :math:`\pm\tau` count as zero; ``relative_threshold=0``
+        gives the raw sign count.
+        """
+        if relative_threshold < 0:
+            raise ValueError(f"`relative_threshold` must be >= 0, got {relative_threshold}.")
+        tau = relative_threshold * float(self.nodes.abs().max())
+        return float(self.spectral_sum(lambda x: (x < -tau).to(x.dtype)).mean())
 
     def top_ritz_values(self, k: int = 1) -> tuple[Tensor, Tensor]:
         """Best lower bounds of the ``k`` largest eigenvalues, descending, with their residuals.

@@ -199,6 +199,16 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _nbytes(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, Mapping):
+        return sum(_nbytes(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return sum(_nbytes(v) for v in batch)
+    return 0
+
+
 def _first_tensor(batch: Any) -> Tensor | None:
     if isinstance(batch, Tensor):
         return batch
@@ -292,8 +302,10 @@ class HessianOperator:
         max_batched_vectors: At most this many vectors are pushed through one vmapped product
             (bounds activation memory, ``k`` times one batch's); ``None`` means all at once.
         device: Where batches are moved; defaults to the device of the first trainable parameter.
-        cache_batches: Keep the moved batches in memory after the first pass (fast, deterministic
-            even for a loader with random transforms; costs the memory of the analysis set).
+        cache_batches: Keep the moved batches in memory after the first pass (fast: the loader and
+            the host-to-device copies run once; deterministic even for a loader with random
+            transforms). Abandoned automatically if the batches exceed ``max_cache_bytes``.
+        max_cache_bytes: Memory budget of the batch cache (default 1 GiB).
         all_reduce: For distributed use: a function that sums a float64 tensor across processes
             in place-or-return style (``t -> summed t``). Each process then passes its own shard
             of the analysis data, and every product is the product of the global Hessian.
@@ -331,7 +343,8 @@ class HessianOperator:
         train_mode_batchnorm: bool = False,
         max_batched_vectors: int | None = None,
         device: torch.device | str | None = None,
-        cache_batches: bool = False,
+        cache_batches: bool = True,
+        max_cache_bytes: int = 1 << 30,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -348,7 +361,7 @@ class HessianOperator:
                 "`data` must be re-iterable (a list or a DataLoader); a one-shot iterator or "
                 "generator would be exhausted after the first product. Wrap it in list(...)."
             )
-        if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
+        if hasattr(data, "__len__") and len(data) == 0 and all_reduce is None:  # type: ignore[arg-type]
             raise ValueError("`data` is empty: the analysis set needs at least one batch.")
         if backend not in ("auto", "func", "autograd"):
             raise ValueError(f"`backend` must be 'auto', 'func' or 'autograd', got {backend!r}.")
@@ -361,6 +374,7 @@ class HessianOperator:
         self.train_mode_batchnorm = bool(train_mode_batchnorm)
         self.max_batched_vectors = max_batched_vectors
         self.cache_batches = bool(cache_batches)
+        self.max_cache_bytes = int(max_cache_bytes)
         self.all_reduce = all_reduce
         self._backend: Backend = backend
         self._fallback_warned = False
@@ -440,6 +454,8 @@ class HessianOperator:
             yield from self._cached
             return
         collected: list[tuple[Any, float]] = []
+        caching = self.cache_batches
+        cached_bytes = 0
         count = 0
         for batch in self.data:
             moved = _move(batch, self.device)
@@ -447,12 +463,16 @@ class HessianOperator:
             if not math.isfinite(weight) or weight <= 0:
                 raise ValueError(f"Batch weight must be positive and finite, got {weight}.")
             count += 1
-            if self.cache_batches:
-                collected.append((moved, weight))
+            if caching:
+                cached_bytes += _nbytes(moved)
+                if cached_bytes > self.max_cache_bytes:
+                    caching, collected = False, []
+                else:
+                    collected.append((moved, weight))
             yield moved, weight
         if count == 0 and self.all_reduce is None:
             raise ValueError("`data` yielded no batches: the analysis set is empty.")
-        if self.cache_batches:
+        if caching:
             self._cached = collected
 
     # ------------------------------------------------------------------ per-batch HVPs

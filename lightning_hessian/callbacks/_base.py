@@ -1,0 +1,331 @@
+"""What every curvature callback shares: the analysis set, state isolation, scheduling, logging.
+
+No math lives here: the callbacks build a :class:`~lightning_hessian.HessianOperator` (or call
+:func:`~lightning_hessian.local_volume`) over the analysis set and log what comes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from lightning_hessian.errors import HessianComputationError
+from lightning_hessian.operator import preserved_model_state
+
+__all__ = ["AnalysisSet", "CurvatureCallback", "default_classification_loss", "isolated_training_state"]
+
+
+def default_classification_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy; logits ``[B, C]`` or sequence logits ``[B, T, C]`` with targets ``[B, T]``."""
+    if outputs.ndim > 2:
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+    return F.cross_entropy(outputs, targets)
+
+
+# --------------------------------------------------------------------------------------------
+# Isolation from the training run
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def isolated_training_state(pl_module: torch.nn.Module, optimizers: Sequence[Any] = ()) -> Iterator[None]:
+    """Everything the training run could observe is restored on exit.
+
+    Python ``random``, NumPy and torch (CPU and CUDA) RNG streams; every module's train/eval
+    flag, ``requires_grad`` flags and buffers (:func:`~lightning_hessian.preserved_model_state`);
+    parameters and ``.grad`` are checked bit for bit, and optimizer state tensors are never
+    written (the estimators only read them).
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in pl_module.parameters()]
+    try:
+        with preserved_model_state(pl_module):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        for param, grad in grads:
+            if grad is None:
+                if param.grad is not None:
+                    param.grad = None
+            elif param.grad is None or not torch.equal(param.grad, grad):
+                param.grad = grad
+
+
+# --------------------------------------------------------------------------------------------
+# The analysis set
+# --------------------------------------------------------------------------------------------
+
+
+def _plain_dataloader(loader: Any) -> DataLoader | None:
+    """The single DataLoader behind ``trainer.train_dataloader`` (or ``None``)."""
+    if isinstance(loader, DataLoader):
+        return loader
+    flattened = getattr(loader, "flattened", None)  # CombinedLoader
+    if isinstance(flattened, list) and len(flattened) == 1 and isinstance(flattened[0], DataLoader):
+        return flattened[0]
+    if isinstance(loader, (list, tuple)) and len(loader) == 1 and isinstance(loader[0], DataLoader):
+        return loader[0]
+    return None
+
+
+class AnalysisSet:
+    """A fixed, seeded subset of a dataset, served by a deterministic micro-batched loader.
+
+    Indices are drawn once (``torch.randperm`` with ``seed``), kept sorted, and restored from
+    checkpoints, so every epoch (and every resumed run) analyses exactly the same samples. Under
+    DDP each process takes the strided shard ``indices[rank::world_size]``: disjoint shards
+    whose union is the single-process set. An ``IterableDataset`` cannot be indexed: its first
+    samples up to the requested size are taken (``max_samples`` required there).
+    """
+
+    def __init__(
+        self,
+        fraction: float,
+        seed: int,
+        batch_size: int,
+        max_samples: int | None,
+    ) -> None:
+        self.fraction = fraction
+        self.seed = seed
+        self.batch_size = batch_size
+        self.max_samples = max_samples
+        self.indices: list[int] | None = None
+        self.dataset_length: int | None = None
+
+    def draw(self, length: int) -> list[int]:
+        count = max(1, int(round(self.fraction * length)))
+        if self.max_samples is not None:
+            count = min(count, self.max_samples)
+        generator = torch.Generator().manual_seed(self.seed)
+        return sorted(torch.randperm(length, generator=generator)[:count].tolist())
+
+    def loader(
+        self,
+        dataset: Dataset | None,
+        template: DataLoader | None,
+        rank: int,
+        world_size: int,
+        explicit_loader: DataLoader | None = None,
+    ) -> DataLoader | list[Any]:
+        """The deterministic loader over this process's shard."""
+        if explicit_loader is not None:
+            if world_size > 1:
+                return [b for i, b in enumerate(explicit_loader) if i % world_size == rank]
+            return explicit_loader
+        if dataset is None:
+            raise ValueError(
+                "No dataset to analyse: the trainer has no single train DataLoader. Pass "
+                "`dataset=` or `dataloader=` to the callback."
+            )
+        collate = template.collate_fn if template is not None else None
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            if self.max_samples is None:
+                raise ValueError(
+                    "The training dataset has no length (IterableDataset); pass `max_samples=` "
+                    "so that its first `max_samples` samples form the analysis set."
+                )
+            samples = []
+            for sample in dataset:
+                samples.append(sample)
+                if len(samples) >= self.max_samples:
+                    break
+            if not samples:
+                raise ValueError("The training dataset yielded no samples for the analysis set.")
+            shard = samples[rank::world_size]
+            return DataLoader(shard, batch_size=self.batch_size, shuffle=False, collate_fn=collate)  # type: ignore[arg-type]
+        length = len(dataset)
+        if length == 0:
+            raise ValueError("The training dataset is empty: there is nothing to analyse.")
+        if self.indices is None or self.dataset_length != length:
+            if self.indices is not None and self.dataset_length != length:
+                rank_zero_warn(
+                    f"The training dataset changed size ({self.dataset_length} -> {length}); "
+                    "redrawing the analysis set."
+                )
+            self.indices = self.draw(length)
+            self.dataset_length = length
+        shard = self.indices[rank::world_size]
+        return DataLoader(
+            Subset(dataset, shard),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=0,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"indices": self.indices, "dataset_length": self.dataset_length, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.indices = state.get("indices")
+        self.dataset_length = state.get("dataset_length")
+
+
+# --------------------------------------------------------------------------------------------
+# Base callback
+# --------------------------------------------------------------------------------------------
+
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy", "XLAFSDPStrategy")
+
+
+def _check_fraction(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"`analysis_fraction` must be in (0, 1], got {value!r}.")
+    return float(value)
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer{' or None' if allow_none else ''}, got {value!r}.")
+    return value
+
+
+class CurvatureCallback(Callback):
+    """Scheduling, analysis set, isolation, DDP plumbing and logging shared by the monitors."""
+
+    _metric_prefix = "hessian/"
+
+    def __init__(
+        self,
+        *,
+        every_n_epochs: int,
+        analysis_fraction: float,
+        max_samples: int | None,
+        analysis_batch_size: int,
+        seed: int,
+        dataset: Dataset | None,
+        dataloader: DataLoader | None,
+        loss_fn: Callable[[Any, Any], Tensor] | None,
+        batch_loss: Callable[[torch.nn.Module, Any], Tensor] | None,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        self.every_n_epochs = _check_positive_int("every_n_epochs", every_n_epochs)
+        self.analysis_fraction = _check_fraction(analysis_fraction)
+        self.max_samples = _check_positive_int("max_samples", max_samples, allow_none=True)
+        self.analysis_batch_size = _check_positive_int("analysis_batch_size", analysis_batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        self.seed = seed
+        if dataset is not None and dataloader is not None:
+            raise ValueError("Pass at most one of `dataset` and `dataloader`.")
+        if dataset is not None and not isinstance(dataset, Dataset):
+            raise TypeError(f"`dataset` must be a torch.utils.data.Dataset, got {type(dataset).__name__}.")
+        if dataloader is not None and not isinstance(dataloader, DataLoader):
+            raise TypeError(f"`dataloader` must be a torch.utils.data.DataLoader, got {type(dataloader).__name__}.")
+        if loss_fn is not None and batch_loss is not None:
+            raise ValueError("Pass at most one of `loss_fn` and `batch_loss`.")
+        for name, fn in (("loss_fn", loss_fn), ("batch_loss", batch_loss)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
+        if not isinstance(prefix, str):
+            raise TypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
+        self.dataset = dataset
+        self.dataloader = dataloader
+        self.loss_fn = loss_fn
+        self.batch_loss = batch_loss
+        self.prefix = prefix
+        self.analysis = AnalysisSet(self.analysis_fraction, seed, self.analysis_batch_size, self.max_samples)
+        self.history: list[dict[str, float]] = []
+        self._warned_no_tensorboard = False
+
+    # ------------------------------------------------------------------ lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if any(name == unsupported for unsupported in _UNSUPPORTED_STRATEGIES):
+            raise RuntimeError(
+                f"{type(self).__name__} does not support the {name} strategy yet (parameters are "
+                "sharded or the model is not a plain module on each process). Use strategy='ddp' "
+                "(or 'ddp_spawn', any number of nodes) or a single device."
+            )
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def _should_run(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+            return False
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _analysis_data(self, trainer: pl.Trainer) -> DataLoader | list[Any]:
+        rank, world = trainer.global_rank, trainer.world_size
+        if self.dataloader is not None:
+            return self.analysis.loader(None, None, rank, world, explicit_loader=self.dataloader)
+        template = None
+        dataset = self.dataset
+        if dataset is None:
+            template = _plain_dataloader(trainer.train_dataloader)
+            dataset = template.dataset if template is not None else None
+        return self.analysis.loader(dataset, template, rank, world)
+
+    def _loss_kwargs(self) -> dict[str, Any]:
+        if self.batch_loss is not None:
+            return {"batch_loss": self.batch_loss}
+        return {"loss_fn": self.loss_fn or default_classification_loss}
+
+    @staticmethod
+    def _all_reduce(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+        if trainer.world_size <= 1:
+            return None
+        strategy = trainer.strategy
+
+        def reduce_sum(tensor: Tensor) -> Tensor:
+            return strategy.reduce(tensor.clone(), reduce_op="sum")
+
+        return reduce_sum
+
+    def _log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+        to_logger = bool(trainer.loggers)
+        for name, value in values.items():
+            # identical on every rank by construction: no sync needed
+            pl_module.log(
+                f"{self.prefix}{name}",
+                float(value),
+                on_step=False,
+                on_epoch=True,
+                prog_bar=False,
+                logger=to_logger,
+                sync_dist=False,
+            )
+
+    def _tensorboard_experiments(self, trainer: pl.Trainer) -> list[Any]:
+        experiments = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not experiments and not self._warned_no_tensorboard and trainer.loggers:
+            self._warned_no_tensorboard = True
+            rank_zero_warn(
+                f"{type(self).__name__}: no TensorBoardLogger among the trainer's loggers; scalars "
+                "are logged, histograms and figures are skipped."
+            )
+        return experiments if trainer.global_rank == 0 else []
+
+    @staticmethod
+    def _failure(err: BaseException) -> bool:
+        """Numerical failures become warnings + NaN metrics; anything else is a bug and raises."""
+        return isinstance(err, (HessianComputationError, torch.linalg.LinAlgError, FloatingPointError))
+
+    @staticmethod
+    def _timer() -> float:
+        return time.perf_counter()
+
+    @staticmethod
+    def _nan() -> float:
+        return math.nan

@@ -1,0 +1,325 @@
+"""HessianMonitor: per-epoch trace, extreme eigenvalues and spectral density of the loss Hessian."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_hessian.callbacks._base import CurvatureCallback, isolated_training_state
+from lightning_hessian.density import SpectralDensity, spectral_density
+from lightning_hessian.operator import HessianOperator
+from lightning_hessian.sharp_drop import TraceSharpDropDetector
+
+__all__ = ["HessianMonitor"]
+
+_SCALARS = ("trace", "trace_stderr", "top_eigenvalue", "min_eigenvalue", "negative_mass", "num_hvps", "seconds")
+
+
+class HessianMonitor(CurvatureCallback):
+    r"""Log the Hessian's trace, top eigenvalues, smallest eigenvalue and spectral density.
+
+    At the end of every ``every_n_epochs``-th training epoch the callback analyses the Hessian of
+    the mean loss over a fixed analysis set (``analysis_fraction`` of the training dataset,
+    drawn once with ``seed``; the same samples every epoch and after resuming), with the model
+    in eval mode. One batch of ``num_runs`` Lanczos runs of ``num_steps`` steps
+    (:func:`~lightning_hessian.spectral_density`, METHODS.md §3) yields everything at once:
+
+    * ``trace``/``trace_stderr``: Hutchinson on the runs' Rademacher start vectors,
+      :math:`n\sum_i w_i\ell_i = v^\top H v` (``hessian-dynamics-trace-maxeig.txt`` §2.1);
+    * ``top_eigenvalue`` (and ``top_eigenvalue_{i}`` for ``top_k > 1``), ``min_eigenvalue``:
+      extreme Ritz values (lower/upper bounds that converge fast), with Ritz residuals;
+    * ``negative_mass``: estimated fraction of negative eigenvalues;
+    * the density :math:`\hat\phi(t)`: a TensorBoard histogram (``add_histogram_raw``; counts are
+      eigenvalue counts ``n * mass`` per bin) and, with matplotlib, a log-scale figure.
+
+    Scalars go through ``pl_module.log`` under ``prefix`` (``hessian/trace``,
+    ``hessian/trace_stderr``, ``hessian/top_eigenvalue``, ``hessian/min_eigenvalue``,
+    ``hessian/negative_mass``, ``hessian/num_hvps``, ``hessian/seconds``), so every logger and
+    ``trainer.callback_metrics`` see them (EarlyStopping / ModelCheckpoint can monitor them).
+
+    **Sharp drop** (``hessian-dynamics-trace-maxeig.txt`` §7.7, METHODS.md §5): the trace is fed to
+    a :class:`~lightning_hessian.TraceSharpDropDetector`; ``hessian/trace_sharp_drop`` is logged
+    (0/1 each evaluation; 1 from the confirming evaluation on) with
+    ``hessian/trace_sharp_drop_epoch`` (the drop's middle, NaN before). With
+    ``stop_on_sharp_drop=True`` training stops ``sharp_drop_patience`` epochs after the drop's
+    middle; the decision is reduced across processes like ``EarlyStopping``'s. A stock
+    ``EarlyStopping(monitor="hessian/trace_sharp_drop", mode="max", patience=0,
+    check_on_train_epoch_end=True)`` does not work as a stop-on-flag: it stops only when the
+    metric fails to *improve*, i.e. ``patience + 1`` evaluations after the first flag at the
+    earliest — use ``stop_on_sharp_drop`` instead.
+
+    Training is never affected: RNG streams (python, numpy, torch, CUDA), BatchNorm buffers,
+    train/eval flags, ``.grad`` and optimizer state are restored or untouched, so final weights
+    are bit-identical with and without the callback. A NaN/Inf or a failing solver produces a
+    warning and NaN metrics for that epoch; training goes on.
+
+    Args:
+        every_n_epochs: Analyse every this many training epochs.
+        analysis_fraction: Fraction of the training dataset in the analysis set (paper: 0.1).
+        max_samples: Cap on the analysis set's size (required for an ``IterableDataset``).
+        analysis_batch_size: Micro-batch size of the analysis loader (bounds memory).
+        seed: Seed of the analysis subset and of the probe vectors.
+        dataset: Analyse this dataset instead of the trainer's training dataset.
+        dataloader: Analyse exactly these batches (no subsampling) instead.
+        loss_fn: ``loss_fn(pl_module(inputs), targets)`` for ``(inputs, targets)`` batches; default
+            mean cross-entropy (``[B, T, V]`` logits are flattened over positions).
+        batch_loss: ``batch_loss(pl_module, batch) -> mean loss`` for any other batch structure.
+        num_runs: Lanczos runs (probes) per evaluation.
+        num_steps: Lanczos steps per run (HVPs per evaluation = ``num_runs * num_steps``).
+        top_k: Number of top eigenvalues logged.
+        resample_probes: Draw new probes every epoch (default: the same probes every epoch, so
+            that epoch-to-epoch changes come from the weights, not the probes).
+        train_mode_batchnorm: Analyse with BatchNorm on batch statistics (running stats untouched).
+        log_density: Write the density histogram / figure to TensorBoard loggers.
+        detect_sharp_drop: Feed the trace to the sharp-drop detector and log its flag.
+        stop_on_sharp_drop: Stop training after a confirmed sharp drop.
+        sharp_drop_patience: Epochs after the drop's middle before stopping.
+        sharp_drop_kwargs: Keyword arguments of :class:`~lightning_hessian.TraceSharpDropDetector`.
+        prefix: Metric name prefix.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_hessian.callbacks import HessianMonitor
+        >>> trainer = pl.Trainer(max_epochs=3, callbacks=[HessianMonitor(top_k=3)], logger=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        analysis_fraction: float = 0.1,
+        max_samples: int | None = None,
+        analysis_batch_size: int = 256,
+        seed: int = 42,
+        dataset: Dataset | None = None,
+        dataloader: DataLoader | None = None,
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        batch_loss: Callable[[torch.nn.Module, Any], Tensor] | None = None,
+        num_runs: int = 3,
+        num_steps: int = 80,
+        top_k: int = 1,
+        resample_probes: bool = False,
+        train_mode_batchnorm: bool = False,
+        log_density: bool = True,
+        detect_sharp_drop: bool = True,
+        stop_on_sharp_drop: bool = False,
+        sharp_drop_patience: int = 0,
+        sharp_drop_kwargs: dict[str, Any] | None = None,
+        prefix: str = "hessian/",
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            analysis_fraction=analysis_fraction,
+            max_samples=max_samples,
+            analysis_batch_size=analysis_batch_size,
+            seed=seed,
+            dataset=dataset,
+            dataloader=dataloader,
+            loss_fn=loss_fn,
+            batch_loss=batch_loss,
+            prefix=prefix,
+        )
+        for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("top_k", top_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if top_k > num_steps:
+            raise ValueError(f"`top_k`={top_k} cannot exceed `num_steps`={num_steps} (Ritz values per run).")
+        if isinstance(sharp_drop_patience, bool) or not isinstance(sharp_drop_patience, int) or sharp_drop_patience < 0:
+            raise ValueError(f"`sharp_drop_patience` must be a non-negative integer, got {sharp_drop_patience!r}.")
+        if stop_on_sharp_drop and not detect_sharp_drop:
+            raise ValueError("`stop_on_sharp_drop=True` needs `detect_sharp_drop=True`.")
+        self.num_runs = num_runs
+        self.num_steps = num_steps
+        self.top_k = top_k
+        self.resample_probes = bool(resample_probes)
+        self.train_mode_batchnorm = bool(train_mode_batchnorm)
+        self.log_density = bool(log_density)
+        self.detect_sharp_drop = bool(detect_sharp_drop)
+        self.stop_on_sharp_drop = bool(stop_on_sharp_drop)
+        self.sharp_drop_patience = sharp_drop_patience
+        self.sharp_drop_kwargs = dict(sharp_drop_kwargs or {})
+        try:
+            self.detector = TraceSharpDropDetector(**self.sharp_drop_kwargs)
+        except TypeError as err:
+            raise ValueError(f"`sharp_drop_kwargs` has an unknown argument: {err}") from None
+        self.last_density: SpectralDensity | None = None
+        self.stopped_epoch: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_epochs=self.every_n_epochs,
+            analysis_fraction=self.analysis_fraction,
+            seed=self.seed,
+            num_runs=self.num_runs,
+            num_steps=self.num_steps,
+            prefix=self.prefix,
+        )
+
+    # ------------------------------------------------------------------ computation
+
+    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], SpectralDensity | None]:
+        start = self._timer()
+        data = self._analysis_data(trainer)
+        op = HessianOperator(
+            pl_module,
+            data=data,
+            train_mode_batchnorm=self.train_mode_batchnorm,
+            all_reduce=self._all_reduce(trainer),
+            **self._loss_kwargs(),
+        )
+        probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)
+        sd = spectral_density(op, num_runs=self.num_runs, num_steps=self.num_steps, seed=probe_seed)
+        top_values, top_residuals = sd.top_ritz_values(self.top_k)
+        bottom_values, _ = sd.bottom_ritz_values(1)
+        values: dict[str, float] = {
+            "trace": sd.trace,
+            "trace_stderr": sd.trace_stderr,
+            "top_eigenvalue": float(top_values[0]),
+            "top_eigenvalue_residual": float(top_residuals[0]),
+            "min_eigenvalue": float(bottom_values[0]),
+            "negative_mass": sd.negative_mass,
+        }
+        for i in range(1, self.top_k):
+            values[f"top_eigenvalue_{i + 1}"] = float(top_values[i]) if i < top_values.numel() else math.nan
+        values["num_hvps"] = float(op.num_hvps)
+        values["seconds"] = self._timer() - start
+        return values, sd
+
+    def _nan_values(self, seconds: float) -> dict[str, float]:
+        values = {name: math.nan for name in _SCALARS}
+        values["top_eigenvalue_residual"] = math.nan
+        for i in range(1, self.top_k):
+            values[f"top_eigenvalue_{i + 1}"] = math.nan
+        values["num_hvps"] = 0.0
+        values["seconds"] = seconds
+        return values
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_run(trainer):
+            return
+        epoch = trainer.current_epoch
+        start = self._timer()
+        sd: SpectralDensity | None = None
+        with isolated_training_state(pl_module):
+            try:
+                values, sd = self._compute(trainer, pl_module)
+            except Exception as err:  # noqa: BLE001 - numerical failures only, see _failure
+                if not self._failure(err):
+                    raise
+                rank_zero_warn(
+                    f"HessianMonitor: curvature computation failed at epoch {epoch} "
+                    f"({type(err).__name__}: {err}); logging NaN and continuing training."
+                )
+                values = self._nan_values(self._timer() - start)
+        self.last_density = sd
+        if self.detect_sharp_drop:
+            self._update_sharp_drop(trainer, epoch, values)
+        self.history.append({"epoch": float(epoch), **values})
+        self._log_scalars(trainer, pl_module, values)
+        if sd is not None and self.log_density:
+            self._log_density(trainer, sd, epoch)
+        if self.stop_on_sharp_drop:
+            self._maybe_stop(trainer, epoch)
+
+    # ------------------------------------------------------------------ sharp drop
+
+    def _update_sharp_drop(self, trainer: pl.Trainer, epoch: int, values: dict[str, float]) -> None:
+        trace, stderr = values["trace"], values["trace_stderr"]
+        confirmed = self.detector.update(epoch, trace, stderr if math.isfinite(stderr) else None)
+        if confirmed:
+            rank_zero_info(
+                f"HessianMonitor: sharp drop of the Hessian trace confirmed at epoch {epoch}: it began at "
+                f"epoch {self.detector.drop_start_epoch}, middle at epoch {self.detector.drop_middle_epoch}, "
+                f"size {self.detector.drop_size:.1%} of its pre-drop level."
+            )
+        values["trace_sharp_drop"] = 1.0 if self.detector.flagged else 0.0
+        middle = self.detector.drop_middle_epoch
+        values["trace_sharp_drop_epoch"] = float(middle) if middle is not None else math.nan
+
+    def _maybe_stop(self, trainer: pl.Trainer, epoch: int) -> None:
+        middle = self.detector.drop_middle_epoch
+        local = bool(self.detector.flagged and middle is not None and epoch >= middle + self.sharp_drop_patience)
+        should_stop = trainer.strategy.reduce_boolean_decision(local, all=False)
+        if should_stop and not trainer.should_stop:
+            self.stopped_epoch = epoch
+            rank_zero_info(
+                f"HessianMonitor: stopping training at epoch {epoch}: sharp drop of the Hessian trace "
+                f"(middle at epoch {middle}, patience {self.sharp_drop_patience})."
+            )
+        trainer.should_stop = trainer.should_stop or should_stop
+
+    # ------------------------------------------------------------------ density logging
+
+    def _log_density(self, trainer: pl.Trainer, sd: SpectralDensity, epoch: int) -> None:
+        experiments = self._tensorboard_experiments(trainer)
+        if not experiments:
+            return
+        step = trainer.global_step
+        n = sd.num_params
+        nodes, weights = sd.measure()
+        edges = sd.grid
+        mass = sd.density * (edges[1] - edges[0])
+        counts = (mass * n).tolist()
+        limits = edges.tolist()
+        total = float((weights * nodes).sum() * n)
+        squares = float((weights * nodes * nodes).sum() * n)
+        figure = _density_figure(sd, epoch)
+        for experiment in experiments:
+            experiment.add_histogram_raw(
+                f"{self.prefix}eigenvalue_density",
+                min=float(nodes.min()),
+                max=float(nodes.max()),
+                num=n,
+                sum=total,
+                sum_squares=squares,
+                bucket_limits=limits,
+                bucket_counts=counts,
+                global_step=step,
+            )
+            if figure is not None:
+                experiment.add_figure(f"{self.prefix}eigenvalue_density_plot", figure, global_step=step, close=False)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": [dict(row) for row in self.history],
+            "analysis": self.analysis.state_dict(),
+            "seed": self.seed,
+            "detector": self.detector.state_dict(),
+            "stopped_epoch": self.stopped_epoch,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in state_dict.get("history", [])]
+        self.analysis.load_state_dict(state_dict.get("analysis", {}))
+        if "detector" in state_dict:
+            self.detector.load_state_dict(state_dict["detector"])
+        self.stopped_epoch = state_dict.get("stopped_epoch")
+
+
+def _density_figure(sd: SpectralDensity, epoch: int) -> Any:
+    """Log-scale density plot, or ``None`` without matplotlib."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: the user's backend is never touched
+    except ImportError:
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    floor = 1e-12
+    ax.semilogy(sd.grid.numpy(), (sd.density.clamp_min(floor)).numpy())
+    ax.set_ylim(bottom=max(floor, float(sd.density.max()) * 1e-8))
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log scale)")
+    ax.set_title(f"Hessian eigenvalue density, epoch {epoch}")
+    ax.axvline(0.0, color="grey", lw=0.5)
+    fig.tight_layout()
+    return fig
