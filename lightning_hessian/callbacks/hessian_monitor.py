@@ -54,10 +54,10 @@ class HessianMonitor(CurvatureCallback):
     ``hessian/trace_sharp_drop_epoch`` (the drop's middle, NaN before). With
     ``stop_on_sharp_drop=True`` training stops ``sharp_drop_patience`` epochs after the drop's
     middle; the decision is reduced across processes like ``EarlyStopping``'s. A stock
-    ``EarlyStopping(monitor="hessian/trace_sharp_drop", mode="max", patience=0,
-    check_on_train_epoch_end=True)`` does not work as a stop-on-flag: it stops only when the
-    metric fails to *improve*, i.e. ``patience + 1`` evaluations after the first flag at the
-    earliest — use ``stop_on_sharp_drop`` instead.
+    ``EarlyStopping(monitor="hessian/trace_sharp_drop", mode="max", stopping_threshold=0.5,
+    patience=max_epochs, check_on_train_epoch_end=True)`` also works: it stops at the confirming
+    evaluation (no patience after the middle). Its usual "no improvement" rule (``patience`` alone)
+    would stop while the flag stays 0, so it must be used with ``stopping_threshold``.
 
     Training is never affected: RNG streams (python, numpy, torch, CUDA), BatchNorm buffers,
     train/eval flags, ``.grad`` and optimizer state are restored or untouched, so final weights
