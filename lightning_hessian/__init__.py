@@ -6,6 +6,17 @@ and the estimators :func:`hessian_trace`, :func:`top_eigenvalues`, :func:`spectr
 :mod:`lightning_hessian.callbacks`.
 """
 
+from lightning_hessian.analysis import (
+    CurvatureRegressions,
+    DensityHistory,
+    MetricsTable,
+    OLSResult,
+    curvature_regressions,
+    load_density,
+    load_metrics,
+    ols,
+    regression_table,
+)
 from lightning_hessian.density import SpectralDensity, spectral_density
 from lightning_hessian.eigen import EigenResult, top_eigenvalues
 from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
@@ -18,6 +29,15 @@ from lightning_hessian.volume import VolumeComputationError, VolumeEstimate, ini
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CurvatureRegressions",
+    "DensityHistory",
+    "MetricsTable",
+    "OLSResult",
+    "curvature_regressions",
+    "load_density",
+    "load_metrics",
+    "ols",
+    "regression_table",
     "CurvatureOperator",
     "EigenResult",
     "HessianComputationError",

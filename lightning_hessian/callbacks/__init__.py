@@ -3,5 +3,13 @@
 from lightning_hessian.callbacks._base import AnalysisSet, default_classification_loss, isolated_training_state
 from lightning_hessian.callbacks.hessian_monitor import HessianMonitor
 from lightning_hessian.callbacks.local_volume_monitor import LocalVolumeMonitor
+from lightning_hessian.callbacks.noisy_accuracy import NoisyInputAccuracy
 
-__all__ = ["AnalysisSet", "HessianMonitor", "LocalVolumeMonitor", "default_classification_loss", "isolated_training_state"]
+__all__ = [
+    "AnalysisSet",
+    "HessianMonitor",
+    "LocalVolumeMonitor",
+    "NoisyInputAccuracy",
+    "default_classification_loss",
+    "isolated_training_state",
+]

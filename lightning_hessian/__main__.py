@@ -1,0 +1,8 @@
+"""``python -m lightning_hessian {plot,regress,table} ...``: see :mod:`lightning_hessian.cli`."""
+
+import sys
+
+from lightning_hessian.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
