@@ -170,6 +170,16 @@ def test_no_logger_runs():
     assert math.isfinite(float(trainer.callback_metrics["hessian/trace"]))
 
 
+def test_float32_basis_on_cpu_gives_same_values():
+    a = HessianMonitor(num_runs=2, num_steps=12)
+    b = HessianMonitor(num_runs=2, num_steps=12, lanczos_basis_dtype="float32", lanczos_basis_on_cpu=True)
+    base = DigitsModule(hidden=8)
+    _fit(copy.deepcopy(base), a, max_epochs=1)
+    _fit(copy.deepcopy(base), b, max_epochs=1)
+    assert b.history[0]["top_eigenvalue"] == pytest.approx(a.history[0]["top_eigenvalue"], rel=1e-5)
+    assert b.history[0]["trace"] == pytest.approx(a.history[0]["trace"], rel=1e-4)
+
+
 def test_every_n_epochs():
     monitor = HessianMonitor(num_runs=2, num_steps=8, every_n_epochs=2)
     _fit(DigitsModule(hidden=8), monitor, max_epochs=5)
@@ -271,6 +281,7 @@ def test_sequence_logits_default_loss():
         ({"dataset": [1, 2, 3]}, "dataset"),
         ({"dataloader": [1, 2, 3]}, "dataloader"),
         ({"prefix": 3}, "prefix"),
+        ({"lanczos_basis_dtype": "float16"}, "lanczos_basis_dtype"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, name):

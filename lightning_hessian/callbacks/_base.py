@@ -252,7 +252,11 @@ class CurvatureCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
-        if any(name == unsupported for unsupported in _UNSUPPORTED_STRATEGIES):
+        # subclasses of an unsupported strategy are unsupported too
+        base = next((c.__name__ for c in type(trainer.strategy).__mro__ if c.__name__ in _UNSUPPORTED_STRATEGIES), None)
+        if base is not None:
+            if base != name:
+                name = f"{name} (a {base})"
             raise RuntimeError(
                 f"{type(self).__name__} does not support the {name} strategy yet (parameters are "
                 "sharded or the model is not a plain module on each process). Use strategy='ddp' "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -83,6 +83,10 @@ class HessianMonitor(CurvatureCallback):
         resample_probes: Draw new probes every epoch (default: the same probes every epoch, so
             that epoch-to-epoch changes come from the weights, not the probes).
         train_mode_batchnorm: Analyse with BatchNorm on batch statistics (running stats untouched).
+        lanczos_basis_dtype: Storage precision of the Lanczos bases
+            (``num_runs * num_steps * num_params`` numbers, needed for full reorthogonalisation);
+            ``"float32"`` halves their memory, the recurrence scalars stay float64.
+        lanczos_basis_on_cpu: Keep the Lanczos bases in host memory (spares GPU memory).
         log_density: Write the density histogram / figure to TensorBoard loggers.
         detect_sharp_drop: Feed the trace to the sharp-drop detector and log its flag.
         stop_on_sharp_drop: Stop training after a confirmed sharp drop.
@@ -113,6 +117,8 @@ class HessianMonitor(CurvatureCallback):
         top_k: int = 1,
         resample_probes: bool = False,
         train_mode_batchnorm: bool = False,
+        lanczos_basis_dtype: Literal["float64", "float32"] = "float64",
+        lanczos_basis_on_cpu: bool = False,
         log_density: bool = True,
         detect_sharp_drop: bool = True,
         stop_on_sharp_drop: bool = False,
@@ -146,6 +152,10 @@ class HessianMonitor(CurvatureCallback):
         self.top_k = top_k
         self.resample_probes = bool(resample_probes)
         self.train_mode_batchnorm = bool(train_mode_batchnorm)
+        if lanczos_basis_dtype not in ("float64", "float32"):
+            raise ValueError(f"`lanczos_basis_dtype` must be 'float64' or 'float32', got {lanczos_basis_dtype!r}.")
+        self.lanczos_basis_dtype = lanczos_basis_dtype
+        self.lanczos_basis_on_cpu = bool(lanczos_basis_on_cpu)
         self.log_density = bool(log_density)
         self.detect_sharp_drop = bool(detect_sharp_drop)
         self.stop_on_sharp_drop = bool(stop_on_sharp_drop)
@@ -182,7 +192,14 @@ class HessianMonitor(CurvatureCallback):
             **self._loss_kwargs(),
         )
         probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)
-        sd = spectral_density(op, num_runs=self.num_runs, num_steps=self.num_steps, seed=probe_seed)
+        sd = spectral_density(
+            op,
+            num_runs=self.num_runs,
+            num_steps=self.num_steps,
+            seed=probe_seed,
+            basis_dtype=getattr(torch, self.lanczos_basis_dtype),
+            basis_device="cpu" if self.lanczos_basis_on_cpu else None,
+        )
         top_values, top_residuals = sd.top_ritz_values(self.top_k)
         bottom_values, _ = sd.bottom_ritz_values(1)
         values: dict[str, float] = {
