@@ -321,6 +321,35 @@ class CurvatureCallback(Callback):
             )
         return experiments if trainer.global_rank == 0 else []
 
+    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], Any]:
+        """The evaluation proper: metric values and the estimate object (subclasses)."""
+        raise NotImplementedError
+
+    def _nan_values(self, seconds: float) -> dict[str, float]:
+        """Metric values of a failed evaluation (subclasses)."""
+        raise NotImplementedError
+
+    def _guarded_compute(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str
+    ) -> tuple[dict[str, float], Any]:
+        """Run :meth:`_compute` isolated from training; a numerical failure gives a warning and NaNs.
+
+        Under DDP the core's collectives carry a failure flag, so every rank fails at the same
+        product and all of them take this branch together (no deadlock).
+        """
+        start = self._timer()
+        with isolated_training_state(pl_module):
+            try:
+                return self._compute(trainer, pl_module)
+            except Exception as err:  # noqa: BLE001 - numerical failures only, see _failure
+                if not self._failure(err):
+                    raise
+                rank_zero_warn(
+                    f"{type(self).__name__}: {what} failed at epoch {trainer.current_epoch} "
+                    f"({type(err).__name__}: {err}); logging NaN and continuing training."
+                )
+                return self._nan_values(self._timer() - start), None
+
     @staticmethod
     def _failure(err: BaseException) -> bool:
         """Numerical failures become warnings + NaN metrics; anything else is a bug and raises."""

@@ -8,11 +8,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_hessian.callbacks._base import CurvatureCallback, isolated_training_state
+from lightning_hessian.callbacks._base import CurvatureCallback
 from lightning_hessian.density import SpectralDensity, spectral_density
 from lightning_hessian.operator import HessianOperator
 from lightning_hessian.sharp_drop import TraceSharpDropDetector
@@ -229,19 +229,7 @@ class HessianMonitor(CurvatureCallback):
         if not self._should_run(trainer):
             return
         epoch = trainer.current_epoch
-        start = self._timer()
-        sd: SpectralDensity | None = None
-        with isolated_training_state(pl_module):
-            try:
-                values, sd = self._compute(trainer, pl_module)
-            except Exception as err:  # noqa: BLE001 - numerical failures only, see _failure
-                if not self._failure(err):
-                    raise
-                rank_zero_warn(
-                    f"HessianMonitor: curvature computation failed at epoch {epoch} "
-                    f"({type(err).__name__}: {err}); logging NaN and continuing training."
-                )
-                values = self._nan_values(self._timer() - start)
+        values, sd = self._guarded_compute(trainer, pl_module, "curvature computation")
         self.last_density = sd
         if self.detect_sharp_drop:
             self._update_sharp_drop(trainer, epoch, values)

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_hessian.callbacks._base import CurvatureCallback, isolated_training_state
+from lightning_hessian.callbacks._base import CurvatureCallback
 from lightning_hessian.volume import VolumeComputationError, VolumeEstimate, init_prior_std, local_volume
 
 __all__ = ["LocalVolumeMonitor"]
@@ -404,19 +404,7 @@ class LocalVolumeMonitor(CurvatureCallback):
         if not self._should_run(trainer):
             return
         epoch = trainer.current_epoch
-        start = self._timer()
-        est: VolumeEstimate | None = None
-        with isolated_training_state(pl_module):
-            try:
-                values, est = self._compute(trainer, pl_module)
-            except Exception as err:  # noqa: BLE001 - numerical failures only, see _failure
-                if not self._failure(err):
-                    raise
-                rank_zero_warn(
-                    f"LocalVolumeMonitor: local-volume computation failed at epoch {epoch} "
-                    f"({type(err).__name__}: {err}); logging NaN and continuing training."
-                )
-                values = self._nan_values(self._timer() - start)
+        values, est = self._guarded_compute(trainer, pl_module, "local-volume computation")
         self.last_estimate = est
         self.history.append({"epoch": float(epoch), **values})
         self._log_scalars(trainer, pl_module, values)
