@@ -149,6 +149,13 @@ class SpectralDensity:
         tau = relative_threshold * float(self.nodes.abs().max())
         return float(self.spectral_sum(lambda x: (x < -tau).to(x.dtype)).mean())
 
+    def _padding(self) -> Tensor:
+        """Where runs that stopped early were padded (copies of a node, not Ritz values)."""
+        pad = torch.zeros(self.nodes.shape, dtype=torch.bool)
+        for run, size in enumerate(self.steps):
+            pad[run, size:] = True
+        return pad
+
     def top_ritz_values(self, k: int = 1) -> tuple[Tensor, Tensor]:
         """Best lower bounds of the ``k`` largest eigenvalues, descending, with their residuals.
 
@@ -156,8 +163,9 @@ class SpectralDensity:
         ``i``-th largest eigenvalue, so the element-wise maximum over runs is the tightest.
         """
         k = min(k, self.nodes.shape[1])
-        order = torch.argsort(self.nodes, dim=1, descending=True)[:, :k]
-        vals = torch.gather(self.nodes, 1, order)
+        nodes = self.nodes.masked_fill(self._padding(), float("-inf"))
+        order = torch.argsort(nodes, dim=1, descending=True)[:, :k]
+        vals = torch.gather(nodes, 1, order)
         res = torch.gather(self.ritz_residuals, 1, order)
         best = vals.argmax(dim=0)
         cols = torch.arange(k)
@@ -166,8 +174,9 @@ class SpectralDensity:
     def bottom_ritz_values(self, k: int = 1) -> tuple[Tensor, Tensor]:
         """Best upper bounds of the ``k`` smallest eigenvalues, ascending, with their residuals."""
         k = min(k, self.nodes.shape[1])
-        order = torch.argsort(self.nodes, dim=1)[:, :k]
-        vals = torch.gather(self.nodes, 1, order)
+        nodes = self.nodes.masked_fill(self._padding(), float("inf"))
+        order = torch.argsort(nodes, dim=1)[:, :k]
+        vals = torch.gather(nodes, 1, order)
         res = torch.gather(self.ritz_residuals, 1, order)
         best = vals.argmin(dim=0)
         cols = torch.arange(k)

@@ -104,4 +104,10 @@ def exact_hessian(model: nn.Module, batches, train_mode_batchnorm: bool = False)
             out = out + F.cross_entropy(logits, yb) * (xb.shape[0] / total)
         return out
 
+    if train_mode_batchnorm:
+        # torch.func.hessian (jacfwd over jacrev) is silently wrong, by several per cent, through
+        # a training-mode BatchNorm: the vmapped batch_norm backward is mis-differentiated (a
+        # pytorch/pytorch#196699-style forward-AD bug). Forward over *grad* agrees with plain
+        # double backward to ~1e-15 (tests/test_operator.py checks this).
+        return torch.func.jacfwd(torch.func.grad(loss))(flat0).detach()
     return torch.func.hessian(loss)(flat0).detach()
