@@ -364,6 +364,8 @@ def spectral_density(
         raise ValueError(f"`sigma` must be positive, got {sigma}.")
     if not sigma_fraction > 0:
         raise ValueError(f"`sigma_fraction` must be positive, got {sigma_fraction}.")
+    if not deflation_rtol > 0:
+        raise ValueError(f"`deflation_rtol` must be positive, got {deflation_rtol}.")
     generator = make_generator(seed)
     n = op.num_params
     starts = draw_probes(n, num_runs, probe, generator, device=op.device)

@@ -98,6 +98,10 @@ def lanczos(
         basis_device: Where the stored basis lives (e.g. ``"cpu"`` to spare GPU memory).
         should_stop: Called after every step with ``(step, partial_result)``; True ends all runs.
     """
+    if starts.ndim != 2:
+        raise ValueError(f"`starts` must be [num_params, R], got shape {tuple(starts.shape)}.")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"`num_steps` must be a positive integer, got {num_steps!r}.")
     n, num_runs = starts.shape
     if n != op.num_params:
         raise ValueError(f"`starts` must have {op.num_params} rows, got {n}.")

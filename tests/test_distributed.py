@@ -187,8 +187,8 @@ def _reference_hessian_values(record: dict[str, Any], epoch: int, monitor: Hessi
     top, _ = sd.top_ritz_values(2)
     bottom, _ = sd.bottom_ritz_values(1)
     return {
-        "trace": sd.trace,
-        "trace_stderr": sd.trace_stderr,
+        "trace": sd.deflated_trace,
+        "trace_stderr": sd.deflated_trace_stderr,
         "top_eigenvalue": float(top[0]),
         "top_eigenvalue_2": float(top[1]),
         "min_eigenvalue": float(bottom[0]),
