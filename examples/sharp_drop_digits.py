@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--init-scale", type=float, default=0.5)
     parser.add_argument("--stop", action="store_true", help="stop_on_sharp_drop=True")
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "outputs" / "sharp_drop_digits.png")
     args = parser.parse_args()
 
     pl.seed_everything(args.seed, verbose=False)
@@ -168,6 +170,31 @@ def main() -> None:
     else:
         print(f"ran all {trainer.current_epoch} epochs")
     print(f"total {total:.1f} s, of which HessianMonitor {sum(r['seconds'] for r in monitor.history):.1f} s")
+    _plot(monitor, accuracy.acc, args.out)
+
+
+def _plot(monitor: HessianMonitor, acc: dict[int, float], out: Path) -> None:
+    """Trace and validation accuracy on one plot, the drop's middle as a vertical line (paper Fig. 6)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    epochs = [int(r["epoch"]) for r in monitor.history]
+    trace = [r["trace"] for r in monitor.history]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    ax.plot(epochs, trace, "o-", color="tab:red", label="Hessian trace")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("trace", color="tab:red")
+    twin = ax.twinx()
+    twin.plot(sorted(acc), [acc[e] for e in sorted(acc)], "s-", color="tab:blue", label="val acc")
+    twin.set_ylabel("validation accuracy", color="tab:blue")
+    if monitor.detector.flagged:
+        ax.axvline(monitor.detector.drop_middle_epoch_interpolated, color="black", ls="--", lw=1)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"plot: {out}")
 
 
 if __name__ == "__main__":
