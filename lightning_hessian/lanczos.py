@@ -59,15 +59,25 @@ class LanczosResult:
         return torch.linalg.eigh(self.tridiagonal(run))
 
 
+#: Daniel-Gragg-Kaufman-Stewart threshold: reorthogonalise again when a pass leaves less than
+#: this fraction of the vector's norm ("twice is enough").
+_DGKS_ETA = 0.7071067811865476
+
+
 def _orthogonalise(w: Tensor, basis: Tensor, steps: int, active: Tensor, all_active: bool) -> Tensor:
-    """Remove from ``w[:, r]`` its components along ``basis[r, :steps]`` (twice: DGKS)."""
+    """Remove from ``w[:, r]`` its components along ``basis[r, :steps]`` (once or twice: DGKS)."""
     if steps == 0:
         return w
     q = basis[:, :steps] if all_active else basis[active, :steps]  # [a, j, n]
     wb = w.t().unsqueeze(2).to(device=q.device, dtype=q.dtype)  # [a, n, 1]
+    before = wb.norm(dim=1)
     for _ in range(2):
         coeffs = torch.bmm(q, wb)  # [a, j, 1]
         wb = wb - torch.bmm(q.transpose(1, 2), coeffs)
+        # DGKS criterion: a second pass only where the first cancelled much of the vector.
+        if bool((wb.norm(dim=1) >= _DGKS_ETA * before).all()):
+            break
+        before = wb.norm(dim=1)
     return wb.squeeze(2).t().to(device=w.device, dtype=w.dtype)
 
 
