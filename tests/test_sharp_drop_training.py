@@ -19,21 +19,19 @@ from a checkpoint is bit-identical to the uninterrupted one.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_hessian import TraceSharpDropDetector
 from lightning_hessian.callbacks import HessianMonitor
-from tests.helpers import digits_tensors
 from tests.lightning_helpers import trainer_kwargs
 
 SEED = 3
@@ -41,77 +39,18 @@ MAX_EPOCHS = 20
 PATIENCE = 5
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation drawn from ``seed + epoch``: the order depends only on the epoch (resumable)."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # called by Lightning before every epoch
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=gen).tolist())
+# The model, data pipeline and accuracy recorder are the example's own (examples/sharp_drop_digits.py):
+# the test runs exactly the setting the example documents.
+_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sharp_drop_digits.py"
+_spec = importlib.util.spec_from_file_location("sharp_drop_digits", _EXAMPLE)
+sharp_drop_digits = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sharp_drop_digits)  # type: ignore[union-attr]
+DigitsCNN = sharp_drop_digits.DigitsCNN
+ValAccuracy = sharp_drop_digits.ValAccuracy
 
 
 def _loaders() -> tuple[DataLoader, DataLoader]:
-    """Digits, 90 % / 10 % train/validation split (1,617 / 180 images)."""
-    x, y = digits_tensors()
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
-    cut = int(0.9 * x.shape[0])
-    train = TensorDataset(x[perm[:cut]], y[perm[:cut]])
-    val = TensorDataset(x[perm[cut:]], y[perm[cut:]])
-    return (
-        DataLoader(train, batch_size=256, sampler=EpochShuffleSampler(len(train), SEED)),
-        DataLoader(val, batch_size=512),
-    )
-
-
-class DigitsCNN(pl.LightningModule):
-    """Conv(1->8) - ReLU - Conv(8->16, stride 2) - ReLU - Linear(256->10), 3,882 parameters."""
-
-    def __init__(self, lr: float = 0.05, init_scale: float = 0.5) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(8, 16, 3, padding=1, stride=2),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(16 * 4 * 4, 10),
-        )
-        with torch.no_grad():  # a smaller initialisation: a longer initial plateau before the rise
-            for p in self.net.parameters():
-                p.mul_(init_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-
-
-class ValAccuracy(Callback):
-    def __init__(self) -> None:
-        self.acc: dict[int, float] = {}
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.acc[trainer.current_epoch] = float(trainer.callback_metrics["val_acc"])
+    return sharp_drop_digits.digits_loaders(SEED)
 
 
 def _monitor(stop: bool) -> HessianMonitor:
