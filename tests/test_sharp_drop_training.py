@@ -203,3 +203,23 @@ def test_resume_keeps_detector_state(stopped, tmp_path):
     for epoch, trace, stderr in zip(*(seq[resume_at:] for seq in ref_history)):
         fresh.update(epoch, trace, stderr)
     assert not fresh.flagged
+
+
+def test_stock_early_stopping_on_the_flag_stops_at_confirmation(unstopped):
+    """The documented stock-EarlyStopping recipe: a threshold stop on the 0/1 flag."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    confirmed = unstopped[1].detector.flagged_at_epoch
+    assert confirmed is not None and confirmed < MAX_EPOCHS - 1
+    stopper = EarlyStopping(
+        monitor="hessian/trace_sharp_drop",
+        mode="max",
+        stopping_threshold=0.5,
+        patience=MAX_EPOCHS,
+        check_on_train_epoch_end=True,
+    )
+    monitor = _monitor(stop=False)
+    trainer = _fit(monitor, callbacks=[stopper])
+    assert stopper.stopped_epoch == confirmed
+    assert trainer.current_epoch == confirmed + 1
+    assert monitor.detector.flagged_at_epoch == confirmed
