@@ -199,6 +199,18 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(dtype) if torch.is_floating_point(batch) else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _cast_floats(v, dtype) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_cast_floats(v, dtype) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_cast_floats(v, dtype) for v in batch)
+    return batch
+
+
 def _nbytes(batch: Any) -> int:
     if isinstance(batch, Tensor):
         return batch.numel() * batch.element_size()
@@ -305,6 +317,10 @@ class HessianOperator:
             (``benchmarks/bench_core.py``: on the digits MLP one vmapped HVP of 30 vectors costs
             1.1 gradients per vector, while a single forward-over-reverse HVP costs ~3x a double
             backward one). ``1`` means torch.func for every product.
+        compute_dtype: Compute the products in this dtype (e.g. ``torch.float64`` for a float32
+            model) on cast copies of parameters, buffers and float inputs; the model itself is not
+            touched. Removes the float32 rounding floor (~1e-7 relative) of the products, e.g. to
+            resolve eigenvalues to 1e-6 and better on small models. Default: the parameters' dtype.
         max_batched_vectors: At most this many vectors are pushed through one vmapped product
             (bounds activation memory, ``k`` times one batch's); ``None`` means all at once.
         device: Where batches are moved; defaults to the device of the first trainable parameter.
@@ -350,6 +366,7 @@ class HessianOperator:
         train_mode_batchnorm: bool = False,
         max_batched_vectors: int | None = None,
         func_min_vectors: int = 8,
+        compute_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         cache_batches: bool = True,
         max_cache_bytes: int = 1 << 30,
@@ -384,6 +401,9 @@ class HessianOperator:
         self.train_mode_batchnorm = bool(train_mode_batchnorm)
         self.max_batched_vectors = max_batched_vectors
         self.func_min_vectors = func_min_vectors
+        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+            raise ValueError(f"`compute_dtype` must be a floating torch.dtype or None, got {compute_dtype!r}.")
+        self.compute_dtype = compute_dtype
         self.cache_batches = bool(cache_batches)
         self.max_cache_bytes = int(max_cache_bytes)
         self.all_reduce = all_reduce
@@ -422,8 +442,21 @@ class HessianOperator:
 
     @property
     def dtype(self) -> torch.dtype:
-        """Dtype of the parameters, in which products are computed."""
-        return self._params[0].dtype
+        """Dtype in which products are computed: ``compute_dtype`` or the parameters' own."""
+        return self.compute_dtype if self.compute_dtype is not None else self._params[0].dtype
+
+    def _compute_dtype_inputs(self, batch: Any) -> tuple[dict[str, Tensor], Any]:
+        """With ``compute_dtype``: cast copies of buffers, frozen parameters and float inputs."""
+        if self.compute_dtype is None:
+            return {}, batch
+        dtype = self.compute_dtype
+        trainable = set(self._names)
+        constants = {
+            f"model.{name}": t.detach().to(dtype)
+            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+            if f"model.{name}" not in trainable and t is not None and torch.is_floating_point(t)
+        }
+        return constants, _cast_floats(batch, dtype)
 
     @property
     def num_hvps(self) -> int:
@@ -493,10 +526,11 @@ class HessianOperator:
         """Forward-over-reverse HVP of one batch; tangents have a leading probe dimension."""
         names = self._names
         wrapper = self._wrapper
-        primals = tuple(p.detach() for p in self._params)
+        primals = tuple(p.detach().to(self.dtype) for p in self._params)
+        constants, batch = self._compute_dtype_inputs(batch)
 
         def loss_and_aux(params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-            loss = torch.func.functional_call(wrapper, dict(zip(names, params)), (batch,))
+            loss = torch.func.functional_call(wrapper, {**constants, **dict(zip(names, params))}, (batch,))
             return loss, loss.detach()
 
         grad_fn = torch.func.grad(loss_and_aux, has_aux=True)
@@ -513,13 +547,18 @@ class HessianOperator:
 
     def _autograd_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Double-backward HVP of one batch; tangents have a leading probe dimension."""
-        params = self._params
-        loss = self._wrapper(batch)
+        if self.compute_dtype is None:
+            params = self._params
+            loss = self._wrapper(batch)
+        else:  # a cast copy of the parameters, differentiated through functional_call
+            params = [p.detach().to(self.compute_dtype).requires_grad_(True) for p in self._params]
+            constants, batch = self._compute_dtype_inputs(batch)
+            loss = torch.func.functional_call(self._wrapper, {**constants, **dict(zip(self._names, params))}, (batch,))
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         pairs = [(g, p) for g, p in zip(grads, params)]
         used = [i for i, (g, _) in enumerate(pairs) if g is not None and g.requires_grad]
         k = tangents[0].shape[0]
-        out = [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+        out = [torch.zeros((k, *p.shape), dtype=self.dtype, device=p.device) for p in params]
         if not used:
             return out, loss.detach()
         g_used = [grads[i] for i in used]
@@ -577,7 +616,7 @@ class HessianOperator:
         tangents = []
         for i, p in enumerate(self._params):
             block = matrix[self._offsets[i] : self._offsets[i + 1]]
-            tangents.append(block.t().to(dtype=p.dtype, device=p.device).reshape(k, *p.shape).contiguous())
+            tangents.append(block.t().to(dtype=self.dtype, device=p.device).reshape(k, *p.shape).contiguous())
         total_weight = 0.0
         loss_sum = 0.0
         for batch, weight in self._batches():

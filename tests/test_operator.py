@@ -601,3 +601,32 @@ def test_invalid_arguments_are_named(call, exc, name):
         call()
     assert name in str(info.value), str(info.value)
     assert _OP.num_hvps == 0  # validation happens before any product
+
+
+@pytest.mark.parametrize("backend", ["func", "autograd"])
+def test_compute_dtype_float64_removes_the_float32_floor(mlp_truth, backend):
+    """A float32 model analysed in float64: products match the exact Hessian to ~1e-12 and the
+    top eigenvalue to 1e-6 relative in <= 40 HVPs; the model keeps its dtype and values."""
+    model = mlp_truth.model
+    assert next(model.parameters()).dtype == torch.float32
+    before = [p.detach().clone() for p in model.parameters()]
+    op = HessianOperator(model, F.cross_entropy, mlp_truth.batches, backend=backend, compute_dtype=torch.float64)
+    assert op.dtype == torch.float64
+    v = torch.randn(op.num_params, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = mlp_truth.hessian @ v
+    rel = (op.matmat(v) - exact).norm() / exact.norm()
+    assert rel < 1e-6  # float32 products sit at ~1e-7..1e-6; float64 ones at the inputs' rounding
+    from lightning_hessian import top_eigenvalues
+
+    result = top_eigenvalues(op, k=1)
+    top = mlp_truth.eigvals[-1]
+    assert result.num_hvps <= 40
+    assert abs(float(result.values[0]) - float(top)) / float(top) <= 1e-6
+    for a, b in zip(before, model.parameters()):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_compute_dtype_rejects_non_float():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        HessianOperator(model, F.mse_loss, [(torch.ones(1, 2), torch.ones(1, 2))], compute_dtype=torch.int64)
