@@ -180,6 +180,16 @@ def test_float32_basis_on_cpu_gives_same_values():
     assert b.history[0]["trace"] == pytest.approx(a.history[0]["trace"], rel=1e-4)
 
 
+def test_float64_hvp_precision_matches_exact_top_eigenvalue():
+    monitor = HessianMonitor(num_runs=2, num_steps=30, hvp_precision="float64", analysis_fraction=0.25)
+    module = DigitsModule(hidden=16)
+    _fit(module, monitor, max_epochs=1)
+    assert next(module.parameters()).dtype == torch.float32
+    hess = exact_hessian(module, _analysis_batches(monitor, digits_dataset(400)))
+    top = float(torch.linalg.eigvalsh(hess)[-1])
+    assert abs(monitor.history[0]["top_eigenvalue"] - top) <= 1e-6 * abs(top)
+
+
 def test_every_n_epochs():
     monitor = HessianMonitor(num_runs=2, num_steps=8, every_n_epochs=2)
     _fit(DigitsModule(hidden=8), monitor, max_epochs=5)
@@ -282,6 +292,7 @@ def test_sequence_logits_default_loss():
         ({"dataloader": [1, 2, 3]}, "dataloader"),
         ({"prefix": 3}, "prefix"),
         ({"lanczos_basis_dtype": "float16"}, "lanczos_basis_dtype"),
+        ({"hvp_precision": "half"}, "hvp_precision"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, name):

@@ -87,6 +87,9 @@ class HessianMonitor(CurvatureCallback):
             (``num_runs * num_steps * num_params`` numbers, needed for full reorthogonalisation);
             ``"float32"`` halves their memory, the recurrence scalars stay float64.
         lanczos_basis_on_cpu: Keep the Lanczos bases in host memory (spares GPU memory).
+        hvp_precision: ``"model"`` computes HVPs in the parameters' dtype; ``"float64"`` on float64
+            copies (:class:`~lightning_hessian.HessianOperator`'s ``compute_dtype``), which removes
+            the float32 rounding floor (~1e-6 relative on eigenvalues) at a higher cost.
         log_density: Write the density histogram / figure to TensorBoard loggers.
         detect_sharp_drop: Feed the trace to the sharp-drop detector and log its flag.
         stop_on_sharp_drop: Stop training after a confirmed sharp drop.
@@ -119,6 +122,7 @@ class HessianMonitor(CurvatureCallback):
         train_mode_batchnorm: bool = False,
         lanczos_basis_dtype: Literal["float64", "float32"] = "float64",
         lanczos_basis_on_cpu: bool = False,
+        hvp_precision: Literal["model", "float64"] = "model",
         log_density: bool = True,
         detect_sharp_drop: bool = True,
         stop_on_sharp_drop: bool = False,
@@ -156,6 +160,9 @@ class HessianMonitor(CurvatureCallback):
             raise ValueError(f"`lanczos_basis_dtype` must be 'float64' or 'float32', got {lanczos_basis_dtype!r}.")
         self.lanczos_basis_dtype = lanczos_basis_dtype
         self.lanczos_basis_on_cpu = bool(lanczos_basis_on_cpu)
+        if hvp_precision not in ("model", "float64"):
+            raise ValueError(f"`hvp_precision` must be 'model' or 'float64', got {hvp_precision!r}.")
+        self.hvp_precision = hvp_precision
         self.log_density = bool(log_density)
         self.detect_sharp_drop = bool(detect_sharp_drop)
         self.stop_on_sharp_drop = bool(stop_on_sharp_drop)
@@ -189,6 +196,7 @@ class HessianMonitor(CurvatureCallback):
             data=data,
             train_mode_batchnorm=self.train_mode_batchnorm,
             all_reduce=self._all_reduce(trainer),
+            compute_dtype=torch.float64 if self.hvp_precision == "float64" else None,
             **self._loss_kwargs(),
         )
         probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)
