@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_hessian._random import make_generator
 from lightning_hessian.lanczos import LanczosResult, lanczos
-from lightning_hessian.operator import CurvatureOperator
+from lightning_hessian.operators import CurvatureOperator
 
 __all__ = ["EigenResult", "top_eigenvalues"]
 

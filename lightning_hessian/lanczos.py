@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_hessian.operator import CurvatureOperator
+from lightning_hessian.operators import CurvatureOperator
 
 __all__ = ["LanczosResult", "lanczos"]
 

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from lightning_hessian._radius import RadiusSearchNaNError, RootFinder, find_radii
 from lightning_hessian._random import draw_probes, make_generator
 from lightning_hessian.errors import HessianComputationError
-from lightning_hessian.operator import HessianOperator, _default_batch_size, _move, preserved_model_state
+from lightning_hessian.operators import HessianOperator, derivative_friendly_attention, preserved_model_state
+from lightning_hessian.operators._batches import _default_batch_size, _move
 
 __all__ = ["VolumeComputationError", "VolumeEstimate", "init_prior_std", "local_volume"]
 
@@ -970,7 +971,9 @@ def local_volume(
 
     base_seed, aux_generator = _direction_seeds(seed, all_reduce, device)
 
-    with preserved_model_state(model), torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+    with preserved_model_state(model), derivative_friendly_attention(), torch.no_grad(), torch.autocast(
+        device_type=device.type, enabled=False
+    ):
         model.eval()
         batches = [_move(batch, device) for batch in data]
         if not batches and all_reduce is None:

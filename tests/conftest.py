@@ -101,7 +101,7 @@ def mlp_truth() -> MLPTruth:
 def mlp_op64(mlp_truth):
     """The digits MLP and its analysis batches in float64: the very function whose Hessian
     ``mlp_truth`` holds, without the ~1e-6 noise floor of float32 HVPs."""
-    from lightning_hessian.operator import HessianOperator
+    from lightning_hessian.operators import HessianOperator
 
     model = copy.deepcopy(mlp_truth.model).double()
     return HessianOperator(model, F.cross_entropy, [(x.double(), y) for x, y in mlp_truth.batches])

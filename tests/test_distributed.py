@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_hessian import HessianOperator, local_volume, spectral_density
 from lightning_hessian.callbacks import HessianMonitor, default_classification_loss
-from lightning_hessian.callbacks._base import AnalysisSet
+from lightning_hessian.callbacks._analysis_set import AnalysisSet
 from tests.ddp_helpers import (
     ANALYSIS_FRACTION,
     DROP_EPOCH,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_hessian.eigen import top_eigenvalues
-from lightning_hessian.operator import HessianOperator, MatrixOperator
+from lightning_hessian.operators import HessianOperator, MatrixOperator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl

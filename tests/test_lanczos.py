@@ -11,7 +11,7 @@ from lightning_hessian._random import draw_probes, make_generator
 from lightning_hessian.density import spectral_density
 from lightning_hessian.eigen import top_eigenvalues
 from lightning_hessian.lanczos import lanczos
-from lightning_hessian.operator import HessianOperator, MatrixOperator
+from lightning_hessian.operators import HessianOperator, MatrixOperator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

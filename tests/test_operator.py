@@ -16,7 +16,7 @@ from lightning_hessian.density import spectral_density
 from lightning_hessian.eigen import top_eigenvalues
 from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
 from lightning_hessian.lanczos import lanczos
-from lightning_hessian.operator import HessianOperator, MatrixOperator
+from lightning_hessian.operators import HessianOperator, MatrixOperator
 from lightning_hessian.trace import TraceEstimate, hessian_trace
 from tests.helpers import analysis_batches, digits_mlp, digits_tensors, exact_hessian
 

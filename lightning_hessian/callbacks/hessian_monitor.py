@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_hessian.callbacks._base import CurvatureCallback
 from lightning_hessian.density import SpectralDensity, spectral_density
-from lightning_hessian.operator import HessianOperator
+from lightning_hessian.operators import HessianOperator
 from lightning_hessian.sharp_drop import TraceSharpDropDetector
 
 __all__ = ["HessianMonitor"]

@@ -1,282 +1,32 @@
-"""Hessian-vector products of a model's mean loss: the linear operator every estimator consumes.
-
-:class:`HessianOperator` owns the model, the analysis data and the HVP machinery; the estimators
-(:func:`~lightning_hessian.hessian_trace`, :func:`~lightning_hessian.top_eigenvalues`,
-:func:`~lightning_hessian.spectral_density`) only see its :meth:`~HessianOperator.matmat`.
-:class:`MatrixOperator` wraps an explicit symmetric matrix behind the same interface (tests,
-known spectra, small models whose Hessian was formed exactly).
-"""
+"""Hessian-vector products of a model's mean loss: :class:`HessianOperator`."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
+from lightning_hessian.operators._batches import (
+    BatchLossFn,
+    LossFn,
+    _cast_floats,
+    _default_batch_size,
+    _LossModule,
+    _move,
+    _nbytes,
+)
+from lightning_hessian.operators._state import _analysis_mode, preserved_model_state
+from lightning_hessian.operators.base import _check_matrix, _matvec_via_matmat
 
-__all__ = ["CurvatureOperator", "HessianOperator", "MatrixOperator", "preserved_model_state"]
+__all__ = ["Backend", "HessianOperator"]
 
-LossFn = Callable[[Any, Any], Tensor]
-BatchLossFn = Callable[[nn.Module, Any], Tensor]
 Backend = Literal["auto", "func", "autograd"]
-
-
-@runtime_checkable
-class CurvatureOperator(Protocol):
-    """What an estimator needs: a symmetric linear map on ``R^num_params``.
-
-    ``matmat(V)`` maps ``[num_params, k]`` to ``[num_params, k]``; ``num_hvps`` counts the
-    columns multiplied so far.
-    """
-
-    @property
-    def num_params(self) -> int: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def num_hvps(self) -> int: ...
-
-    def matmat(self, matrix: Tensor) -> Tensor: ...
-
-
-def _matvec_via_matmat(op: CurvatureOperator, vector: Tensor) -> Tensor:
-    if vector.ndim != 1 or vector.shape[0] != op.num_params:
-        raise ValueError(
-            f"`vector` must be 1-D with {op.num_params} entries (num_params), got shape {tuple(vector.shape)}."
-        )
-    return op.matmat(vector.unsqueeze(1)).squeeze(1)
-
-
-def _check_matrix(matrix: Tensor, num_params: int) -> None:
-    if not isinstance(matrix, Tensor):
-        raise TypeError(f"`matrix` must be a torch.Tensor, got {type(matrix).__name__}.")
-    if matrix.ndim != 2 or matrix.shape[0] != num_params:
-        raise ValueError(
-            f"`matrix` must have shape [num_params={num_params}, k], got {tuple(matrix.shape)}; "
-            "use matvec for a single flat vector."
-        )
-
-
-class MatrixOperator:
-    """An explicit symmetric matrix behind the :class:`CurvatureOperator` interface.
-
-    Args:
-        matrix: A square symmetric tensor ``[n, n]`` (any float dtype; products run in its dtype).
-
-    Example:
-        >>> import torch
-        >>> from lightning_hessian import MatrixOperator, top_eigenvalues
-        >>> op = MatrixOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
-        >>> round(top_eigenvalues(op, k=1).values[0].item(), 6)
-        10.0
-    """
-
-    def __init__(self, matrix: Tensor) -> None:
-        if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError("`matrix` must be a square 2-D torch.Tensor.")
-        if not torch.is_floating_point(matrix):
-            raise TypeError(f"`matrix` must have a floating dtype, got {matrix.dtype}.")
-        self.matrix = matrix
-        self._num_hvps = 0
-
-    @property
-    def num_params(self) -> int:
-        return self.matrix.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.matrix.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.matrix.dtype
-
-    @property
-    def num_hvps(self) -> int:
-        return self._num_hvps
-
-    def matmat(self, matrix: Tensor) -> Tensor:
-        _check_matrix(matrix, self.num_params)
-        self._num_hvps += matrix.shape[1]
-        out = self.matrix @ matrix.to(device=self.device, dtype=self.dtype)
-        return out.to(matrix.dtype)
-
-    def matvec(self, vector: Tensor) -> Tensor:
-        return _matvec_via_matmat(self, vector)
-
-
-# --------------------------------------------------------------------------------------------
-# Model state preservation
-# --------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
-    cuda_states = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda_states = torch.cuda.get_rng_state_all()
-    return torch.get_rng_state(), cuda_states
-
-
-def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
-    cpu_state, cuda_states = state
-    torch.set_rng_state(cpu_state)
-    if cuda_states is not None:
-        torch.cuda.set_rng_state_all(cuda_states)
-
-
-@contextlib.contextmanager
-def preserved_model_state(model: nn.Module, *, buffers: bool = True) -> Iterator[None]:
-    """Restore every module's train/eval flag, ``requires_grad`` flags, buffers and torch RNG.
-
-    Parameters and ``.grad`` are never written by the HVP code; buffers are restored anyway so
-    that a user ``batch_loss`` that writes to them (or a BatchNorm in train mode) leaves no trace.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    saved_buffers = (
-        [(b, b.detach().clone()) for b in model.buffers() if b is not None] if buffers else []
-    )
-    rng = _rng_state()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-        for param, flag in flags:
-            if param.requires_grad != flag:
-                param.requires_grad_(flag)
-        with torch.no_grad():
-            for buf, saved in saved_buffers:
-                if not torch.equal(buf, saved):
-                    buf.copy_(saved)
-        _set_rng_state(rng)
-
-
-@contextlib.contextmanager
-def _analysis_mode(model: nn.Module, train_mode_batchnorm: bool) -> Iterator[None]:
-    """Eval mode everywhere; optionally BatchNorm on batch statistics without updating buffers."""
-    bn_flags: list[tuple[nn.modules.batchnorm._NormBase, bool]] = []
-    model.eval()
-    if train_mode_batchnorm:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                bn_flags.append((module, module.track_running_stats))
-                module.train()
-                # With track_running_stats=False a training BatchNorm normalises with the batch
-                # statistics and neither reads nor updates running_mean/var/num_batches_tracked.
-                module.track_running_stats = False
-    try:
-        yield
-    finally:
-        for module, flag in bn_flags:
-            module.track_running_stats = flag
-
-
-# --------------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------------
-
-
-def _move(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        if batch.is_inference():
-            batch = batch.clone()
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _move(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_move(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(v, device) for v in batch)
-    return batch
-
-
-def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(dtype) if torch.is_floating_point(batch) else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _cast_floats(v, dtype) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_cast_floats(v, dtype) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_cast_floats(v, dtype) for v in batch)
-    return batch
-
-
-def _nbytes(batch: Any) -> int:
-    if isinstance(batch, Tensor):
-        return batch.numel() * batch.element_size()
-    if isinstance(batch, Mapping):
-        return sum(_nbytes(v) for v in batch.values())
-    if isinstance(batch, (list, tuple)):
-        return sum(_nbytes(v) for v in batch)
-    return 0
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
-def _default_batch_size(batch: Any) -> int:
-    tensor = _first_tensor(batch)
-    if tensor is None or tensor.ndim == 0:
-        raise ValueError(
-            "Could not infer the size of a batch (no tensor with a batch dimension found); "
-            "pass `batch_size_fn=lambda batch: ...` to HessianOperator."
-        )
-    return int(tensor.shape[0])
-
-
-class _LossModule(nn.Module):
-    """Wraps model + loss so that ``functional_call`` can swap the model's parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None, batch_loss: BatchLossFn | None) -> None:
-        super().__init__()
-        self.model = model
-        self._loss_fn = loss_fn
-        self._batch_loss = batch_loss
-
-    def forward(self, batch: Any) -> Tensor:
-        if self._batch_loss is not None:
-            loss = self._batch_loss(self.model, batch)
-        else:
-            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-                raise TypeError(
-                    "With `loss_fn`, each batch must be an (inputs, targets) pair; got "
-                    f"{type(batch).__name__}. Pass `batch_loss=lambda model, batch: ...` instead."
-                )
-            inputs, targets = batch[0], batch[1]
-            assert self._loss_fn is not None
-            loss = self._loss_fn(self.model(inputs), targets)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise TypeError(
-                "The loss must be a scalar tensor (a mean over the batch); got "
-                f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}."
-            )
-        return loss.reshape(())
-
-
-# --------------------------------------------------------------------------------------------
-# The Hessian operator
-# --------------------------------------------------------------------------------------------
-
 
 class HessianOperator:
     r"""Hessian of a model's size-weighted mean loss over a data set, as a linear operator.

@@ -1,0 +1,100 @@
+"""Model state around an analysis pass: restore everything, and the analysis (eval) mode."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["derivative_friendly_attention", "preserved_model_state"]
+
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    cuda_states = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_states = torch.cuda.get_rng_state_all()
+    return torch.get_rng_state(), cuda_states
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    cpu_state, cuda_states = state
+    torch.set_rng_state(cpu_state)
+    if cuda_states is not None:
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextlib.contextmanager
+def preserved_model_state(model: nn.Module, *, buffers: bool = True) -> Iterator[None]:
+    """Restore every module's train/eval flag, ``requires_grad`` flags, buffers and torch RNG.
+
+    Parameters and ``.grad`` are never written by the HVP code; buffers are restored anyway so
+    that a user ``batch_loss`` that writes to them (or a BatchNorm in train mode) leaves no trace.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_buffers = (
+        [(b, b.detach().clone()) for b in model.buffers() if b is not None] if buffers else []
+    )
+    rng = _rng_state()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, flag in flags:
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+        with torch.no_grad():
+            for buf, saved in saved_buffers:
+                if not torch.equal(buf, saved):
+                    buf.copy_(saved)
+        _set_rng_state(rng)
+
+
+@contextlib.contextmanager
+def _analysis_mode(model: nn.Module, train_mode_batchnorm: bool) -> Iterator[None]:
+    """Eval mode everywhere, SDPA on its math kernel; optionally BatchNorm on batch statistics (buffers untouched)."""
+    bn_flags: list[tuple[nn.modules.batchnorm._NormBase, bool]] = []
+    attention = derivative_friendly_attention()
+    attention.__enter__()
+    model.eval()
+    if train_mode_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                bn_flags.append((module, module.track_running_stats))
+                module.train()
+                # With track_running_stats=False a training BatchNorm normalises with the batch
+                # statistics and neither reads nor updates running_mean/var/num_batches_tracked.
+                module.track_running_stats = False
+    try:
+        yield
+    finally:
+        for module, flag in bn_flags:
+            module.track_running_stats = flag
+        attention.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def derivative_friendly_attention() -> Iterator[None]:
+    """Route ``scaled_dot_product_attention`` to the math kernel inside the block.
+
+    The fused SDPA kernels (flash on CPU; flash, memory-efficient and cuDNN on CUDA) implement
+    neither forward-mode AD nor double backward, so Hessian-vector products through them raise
+    ``NotImplementedError``. The math kernel supports both. Its memory is quadratic in the
+    sequence length (``batch x heads x T x T`` attention weights per vmapped vector): bound it with
+    the analysis micro-batch size. The selection is thread-local and restored on exit, so training
+    outside the block keeps its fast kernels.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        cuda_ctx = getattr(torch.backends.cuda, "sdp_kernel", None)
+        if cuda_ctx is None:
+            yield
+            return
+        with cuda_ctx(enable_flash=False, enable_math=True, enable_mem_efficient=False):
+            yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
