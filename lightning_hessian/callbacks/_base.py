@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -23,15 +24,46 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_hessian.callbacks._analysis_set import AnalysisSet, _plain_dataloader
 from lightning_hessian.callbacks._isolation import isolated_training_state
 from lightning_hessian.errors import HessianComputationError
+from lightning_hessian.operators._batches import _default_batch_size
 
-__all__ = ["AnalysisSet", "CurvatureCallback", "default_classification_loss", "isolated_training_state"]
+__all__ = [
+    "AnalysisSet",
+    "CurvatureCallback",
+    "default_classification_loss",
+    "isolated_training_state",
+    "valid_target_count",
+]
+
+IGNORE_INDEX = -100
+"""Targets equal to this are ignored by :func:`default_classification_loss` (as in ``F.cross_entropy``)."""
+
+OnError = Literal["warn", "raise"]
 
 
 def default_classification_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy; logits ``[B, C]`` or sequence logits ``[B, T, C]`` with targets ``[B, T]``."""
+    """Mean cross-entropy over the targets that count (``targets != -100``).
+
+    Logits ``[B, C]`` with targets ``[B]``, or sequence logits ``[B, T, C]`` with targets ``[B, T]``
+    (flattened over positions: the token mean).
+    """
     if outputs.ndim > 2:
-        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
-    return F.cross_entropy(outputs, targets)
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
+
+
+def valid_target_count(batch: Any) -> float:
+    """Weight of an ``(inputs, targets)`` micro-batch under :func:`default_classification_loss`.
+
+    The number of integer targets that count, ``(targets != -100).sum()`` (tokens for a sequence
+    model, examples for a classifier), so that the size-weighted mean of the micro-batches' mean
+    losses is the mean over every counted target of the analysis set, even when padding differs
+    between micro-batches. Other batches (float targets, no targets): the leading dimension.
+    """
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        targets = batch[1]
+        if not torch.is_floating_point(targets) and not torch.is_complex(targets) and targets.ndim >= 1:
+            return float((targets != IGNORE_INDEX).sum())
+    return float(_default_batch_size(batch))
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,6 +105,8 @@ class CurvatureCallback(Callback):
         loss_fn: Callable[[Any, Any], Tensor] | None,
         batch_loss: Callable[[torch.nn.Module, Any], Tensor] | None,
         prefix: str,
+        batch_size_fn: Callable[[Any], float] | None = None,
+        on_error: OnError = "warn",
     ) -> None:
         super().__init__()
         self.every_n_epochs = _check_positive_int("every_n_epochs", every_n_epochs)
@@ -95,6 +129,12 @@ class CurvatureCallback(Callback):
                 raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError(f"`batch_size_fn` must be callable (batch -> weight), got {type(batch_size_fn).__name__}.")
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"`on_error` must be 'warn' or 'raise', got {on_error!r}.")
+        self.batch_size_fn = batch_size_fn
+        self.on_error: OnError = on_error
         self.dataset = dataset
         self.dataloader = dataloader
         self.loss_fn = loss_fn
@@ -142,6 +182,19 @@ class CurvatureCallback(Callback):
             return {"batch_loss": self.batch_loss}
         return {"loss_fn": self.loss_fn or default_classification_loss}
 
+    def _batch_weight_fn(self) -> Callable[[Any], float] | None:
+        """``batch_size_fn``, or the valid-target count with the default loss (``None``: leading dim)."""
+        if self.batch_size_fn is not None:
+            return self.batch_size_fn
+        if self.loss_fn is None and self.batch_loss is None:
+            return valid_target_count
+        return None
+
+    @staticmethod
+    def _first_micro_batch(data: Any) -> Any | None:
+        """This process's first analysis micro-batch (``None`` for an empty shard under DDP)."""
+        return next(iter(data), None)
+
     @staticmethod
     def _all_reduce(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
         if trainer.world_size <= 1:
@@ -185,31 +238,99 @@ class CurvatureCallback(Callback):
         """Metric values of a failed evaluation (subclasses)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ dry run (before training)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run_dry_run(trainer, pl_module)
+
+    def _dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the analysis set and evaluate once on one micro-batch (subclasses)."""
+        raise NotImplementedError
+
+    def _run_dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The dry run, isolated from training: configuration errors raise before the first step.
+
+        Runs at ``on_train_start``: after ``setup``/``on_fit_start`` and the train dataloader's
+        construction, before the first training step. Numerical failures
+        (:class:`~lightning_hessian.errors.HessianComputationError`, e.g. a NaN loss at
+        initialisation) are not configuration errors: they warn. Anything else raises, with a
+        note naming this callback; under DDP every process learns (one collective of one flag)
+        whether any process failed, and all of them raise together.
+        """
+        failure: Exception | None = None
+        with isolated_training_state(pl_module):
+            try:
+                self._dry_run(trainer, pl_module)
+            except HessianComputationError as err:
+                rank_zero_warn(
+                    f"{type(self).__name__}: the dry run before training hit a numerical failure "
+                    f"({type(err).__name__}: {err}); evaluations will log NaN while it persists."
+                )
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the agreement
+                failure = err
+        if self._any_process_failed(trainer, failure is not None) and failure is None:
+            failure = RuntimeError(
+                f"{type(self).__name__}: the dry run failed on another process (its error is "
+                "raised there); fix the configuration named in that message."
+            )
+        if failure is not None:
+            failure.add_note(
+                f"Raised by {type(self).__name__}'s dry run before the first training step (one "
+                "analysis micro-batch): the callback is misconfigured for this model/data; the "
+                "message above names the argument to change."
+            )
+            raise failure
+
+    # ------------------------------------------------------------------ guarded evaluation
+
+    @staticmethod
+    def _any_process_failed(trainer: pl.Trainer, failed: bool) -> bool:
+        """Whether any process failed (one collective under DDP, joined by every process)."""
+        if trainer.world_size <= 1:
+            return failed
+        flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64, device=trainer.strategy.root_device)
+        total = trainer.strategy.reduce(flag, reduce_op="sum")
+        return float(total.reshape(-1)[0]) > 0
+
     def _guarded_compute(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str
     ) -> tuple[dict[str, float], Any]:
-        """Run :meth:`_compute` isolated from training; a numerical failure gives a warning and NaNs.
+        """Run :meth:`_compute` isolated from training; any exception gives a warning and NaNs.
 
-        Under DDP the core's collectives carry a failure flag, so every rank fails at the same
-        product and all of them take this branch together (no deadlock).
+        With ``on_error="warn"`` (default) any exception raised by the evaluation (numerical
+        failure, solver failure, a bug in a user's ``batch_loss``, out of memory, ...) is turned
+        into a warning naming its type and message and NaN metrics for this evaluation; training
+        continues. With ``on_error="raise"`` it propagates. Under DDP the core's collectives carry
+        a failure flag (every process fails at the same product), and one more collective of one
+        flag after the evaluation makes every process take the same branch even when the
+        exception was raised outside the collectives on one process only.
         """
         start = self._timer()
+        failure: Exception | None = None
+        result: tuple[dict[str, float], Any] | None = None
         with isolated_training_state(pl_module):
             try:
-                return self._compute(trainer, pl_module)
-            except Exception as err:  # noqa: BLE001 - numerical failures only, see _failure
-                if not self._failure(err):
-                    raise
-                rank_zero_warn(
-                    f"{type(self).__name__}: {what} failed at epoch {trainer.current_epoch} "
-                    f"({type(err).__name__}: {err}); logging NaN and continuing training."
-                )
-                return self._nan_values(self._timer() - start), None
-
-    @staticmethod
-    def _failure(err: BaseException) -> bool:
-        """Numerical failures become warnings + NaN metrics; anything else is a bug and raises."""
-        return isinstance(err, (HessianComputationError, torch.linalg.LinAlgError, FloatingPointError))
+                result = self._compute(trainer, pl_module)
+            except Exception as err:  # noqa: BLE001 - see the docstring
+                failure = err
+        failed_anywhere = self._any_process_failed(trainer, failure is not None)
+        if not failed_anywhere:
+            assert result is not None
+            return result
+        if self.on_error == "raise":
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"{type(self).__name__}: {what} failed on another process (on_error='raise').")
+        where = f"{type(self).__name__}: {what} failed at epoch {trainer.current_epoch}"
+        if failure is not None:
+            message = f"{where} ({type(failure).__name__}: {failure}); logging NaN and continuing training."
+            if trainer.global_rank == 0:
+                rank_zero_warn(message)
+            else:  # the message exists on this process only: do not lose it
+                warnings.warn(f"[rank {trainer.global_rank}] {message}", UserWarning, stacklevel=2)
+        else:
+            rank_zero_warn(f"{where} on another process; logging NaN and continuing training.")
+        return self._nan_values(self._timer() - start), None
 
     @staticmethod
     def _timer() -> float:

@@ -96,6 +96,16 @@ class HessianMonitor(CurvatureCallback):
         sharp_drop_patience: Epochs after the drop's middle before stopping.
         sharp_drop_kwargs: Keyword arguments of :class:`~lightning_hessian.TraceSharpDropDetector`.
         prefix: Metric name prefix.
+        batch_size_fn: ``batch_size_fn(batch) -> weight`` of an analysis micro-batch: the number of
+            terms its mean loss averages (:class:`~lightning_hessian.HessianOperator`). Default
+            with the default loss: the targets that count, ``(targets != -100).sum()`` (tokens of
+            padded sequences), so the Hessian is that of the token mean over the analysis set;
+            with ``loss_fn``/``batch_loss``: the leading dimension of the batch.
+        on_error: ``"warn"`` (default): an exception in a scheduled evaluation gives a warning
+            naming its type and message, NaN metrics for that evaluation, and training continues;
+            ``"raise"``: it propagates. Configuration errors always raise before the first
+            training step (the dry run at ``on_train_start``: analysis set, loss and one HVP on
+            one analysis micro-batch).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -129,6 +139,8 @@ class HessianMonitor(CurvatureCallback):
         sharp_drop_patience: int = 0,
         sharp_drop_kwargs: dict[str, Any] | None = None,
         prefix: str = "hessian/",
+        batch_size_fn: Callable[[Any], float] | None = None,
+        on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -141,6 +153,8 @@ class HessianMonitor(CurvatureCallback):
             loss_fn=loss_fn,
             batch_loss=batch_loss,
             prefix=prefix,
+            batch_size_fn=batch_size_fn,
+            on_error=on_error,
         )
         for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("top_k", top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -188,17 +202,33 @@ class HessianMonitor(CurvatureCallback):
 
     # ------------------------------------------------------------------ computation
 
-    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], SpectralDensity | None]:
-        start = self._timer()
-        data = self._analysis_data(trainer)
-        op = HessianOperator(
+    def _operator(self, pl_module: pl.LightningModule, data: Any, all_reduce: Any) -> HessianOperator:
+        return HessianOperator(
             pl_module,
             data=data,
+            batch_size_fn=self._batch_weight_fn(),
             train_mode_batchnorm=self.train_mode_batchnorm,
-            all_reduce=self._all_reduce(trainer),
+            all_reduce=all_reduce,
             compute_dtype=torch.float64 if self.hvp_precision == "float64" else None,
             **self._loss_kwargs(),
         )
+
+    def _dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The analysis set, the loss and one HVP on this process's first analysis micro-batch."""
+        data = self._analysis_data(trainer)
+        batch = self._first_micro_batch(data)
+        if batch is None:  # an empty shard under DDP: nothing to check on this process
+            return
+        op = self._operator(pl_module, [batch], None)
+        op.loss()
+        generator = torch.Generator().manual_seed(self.seed)
+        probe = (torch.randint(0, 2, (op.num_params,), generator=generator) * 2 - 1).to(torch.float64)
+        op.matvec(probe.to(op.device))
+
+    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], SpectralDensity | None]:
+        start = self._timer()
+        data = self._analysis_data(trainer)
+        op = self._operator(pl_module, data, self._all_reduce(trainer))
         probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)
         sd = spectral_density(
             op,

@@ -138,6 +138,14 @@ class LocalVolumeMonitor(CurvatureCallback):
         rel_tol: Relative tolerance of each radius (the log volume moves by at most ``n * rel_tol``).
         optimizer_index: Which of ``trainer.optimizers`` the Adam preconditioners read.
         prefix: Metric name prefix.
+        batch_size_fn: Weight of an analysis micro-batch for ``cost="loss"`` (default with the
+            default loss: ``(targets != -100).sum()``, the token count; see
+            :class:`~lightning_hessian.callbacks.HessianMonitor`). The KL/Gaussian costs weight
+            by positions (``mask_fn`` selects them).
+        on_error: ``"warn"`` (default) or ``"raise"``, as in
+            :class:`~lightning_hessian.callbacks.HessianMonitor`. Configuration errors raise
+            before the first training step (the dry run at ``on_train_start``: analysis set,
+            anchor outputs and a few cost evaluations along one direction on one micro-batch).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -172,6 +180,8 @@ class LocalVolumeMonitor(CurvatureCallback):
         rel_tol: float = 1e-4,
         optimizer_index: int = 0,
         prefix: str = "volume/",
+        batch_size_fn: Callable[[Any], float] | None = None,
+        on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -184,6 +194,8 @@ class LocalVolumeMonitor(CurvatureCallback):
             loss_fn=loss_fn,
             batch_loss=batch_loss,
             prefix=prefix,
+            batch_size_fn=batch_size_fn,
+            on_error=on_error,
         )
         if not (callable(cost) or (isinstance(cost, str) and cost in ("kl", "gaussian", "loss"))):
             raise ValueError(f"`cost` must be 'kl', 'gaussian', 'loss' or a callable, got {cost!r}.")
@@ -375,9 +387,24 @@ class LocalVolumeMonitor(CurvatureCallback):
         }
         if self.cost == "loss":
             kwargs.update(self._loss_kwargs())
+            kwargs["batch_size_fn"] = self._batch_weight_fn()
         if self.measure == "gaussian":
             kwargs["prior_std"] = self._prior()
         return kwargs
+
+    def _dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The analysis set and a short radius search (anchor + a few cost evaluations) on one micro-batch.
+
+        The optimizer's state does not exist before the first step: the dry run perturbs along
+        one unpreconditioned direction; the optimizer itself is checked at ``on_fit_start``.
+        """
+        data = self._analysis_data(trainer)
+        batch = self._first_micro_batch(data)
+        if batch is None:  # an empty shard under DDP: nothing to check on this process
+            return
+        kwargs = self._volume_kwargs()
+        kwargs.update(num_directions=1, preconditioner=None, preconditioner_eps=None, max_evaluations=4)
+        local_volume(pl_module, [batch], **kwargs)
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], VolumeEstimate]:
         start = self._timer()

@@ -28,6 +28,8 @@ __all__ = ["Backend", "HessianOperator"]
 
 Backend = Literal["auto", "func", "autograd"]
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 class HessianOperator:
     r"""Hessian of a model's size-weighted mean loss over a data set, as a linear operator.
 
@@ -56,8 +58,11 @@ class HessianOperator:
         data: A re-iterable of batches (a list or a ``DataLoader``), iterated once per product.
         batch_loss: Alternative to ``loss_fn``: ``batch_loss(model, batch) -> scalar mean loss``
             for any batch structure (dicts, sequence models, masks).
-        batch_size_fn: ``batch_size_fn(batch) -> number`` giving a batch's weight; defaults to
-            the leading dimension of the first tensor in the batch.
+        batch_size_fn: ``batch_size_fn(batch) -> number`` giving a batch's weight ``|b|``: the
+            number of terms its mean loss averages. Defaults to the leading dimension of the first
+            tensor in the batch (examples). For a token-mean loss over padded sequences pass the
+            number of valid tokens, e.g. ``lambda b: (b[1] != -100).sum()``, so that ``H`` is the
+            Hessian of the token mean over the whole data set. A batch of weight 0 is skipped.
         backend: ``"auto"`` (forward-over-reverse, fallback to double backward), ``"func"`` or
             ``"autograd"``.
         train_mode_batchnorm: Use batch statistics in BatchNorm layers (running stats untouched).
@@ -70,7 +75,10 @@ class HessianOperator:
         compute_dtype: Compute the products in this dtype (e.g. ``torch.float64`` for a float32
             model) on cast copies of parameters, buffers and float inputs; the model itself is not
             touched. Removes the float32 rounding floor (~1e-7 relative) of the products, e.g. to
-            resolve eigenvalues to 1e-6 and better on small models. Default: the parameters' dtype.
+            resolve eigenvalues to 1e-6 and better on small models. Default: the parameters' dtype,
+            except float32 for float16/bfloat16 models (``Trainer(precision="bf16-true")``: half
+            precision HVPs lose ~3 digits and overflow). Floating inputs are always cast to the
+            products' dtype (float32 data for a ``"64-true"`` or ``"bf16-true"`` model).
         max_batched_vectors: At most this many vectors are pushed through one vmapped product
             (bounds activation memory, ``k`` times one batch's); ``None`` means all at once.
         device: Where batches are moved; defaults to the device of the first trainable parameter.
@@ -177,6 +185,10 @@ class HessianOperator:
             self._offsets.append(self._offsets[-1] + numel)
         self._device = torch.device(device) if device is not None else self._params[0].device
         self._wrapper = _LossModule(model, loss_fn, batch_loss)
+        if self.compute_dtype is None and self._params[0].dtype in _HALF_DTYPES:
+            # float16/bfloat16 products lose ~3 significant digits per HVP and overflow easily:
+            # compute on float32 copies (the model itself is untouched).
+            self.compute_dtype = torch.float32
 
     # ------------------------------------------------------------------ properties
 
@@ -207,6 +219,14 @@ class HessianOperator:
             if f"model.{name}" not in trainable and t is not None and torch.is_floating_point(t)
         }
         return constants, _cast_floats(batch, dtype)
+
+    def _loss_of_batch(self, batch: Any) -> Tensor:
+        """The mean loss of one batch in the products' dtype (cast copies with ``compute_dtype``)."""
+        if self.compute_dtype is None or self.compute_dtype == self._params[0].dtype:
+            return self._wrapper(batch)
+        constants, batch = self._compute_dtype_inputs(batch)
+        params = {name: p.detach().to(self.compute_dtype) for name, p in zip(self._names, self._params)}
+        return torch.func.functional_call(self._wrapper, {**constants, **params}, (batch,))
 
     @property
     def num_hvps(self) -> int:
@@ -253,11 +273,17 @@ class HessianOperator:
         cached_bytes = 0
         count = 0
         for batch in self.data:
-            moved = _move(batch, self.device)
+            # floating inputs follow the dtype of the products (e.g. float32 data, bf16-true model)
+            moved = _cast_floats(_move(batch, self.device), self.dtype)
             weight = float(self.batch_size_fn(moved))
-            if not math.isfinite(weight) or weight <= 0:
-                raise ValueError(f"Batch weight must be positive and finite, got {weight}.")
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(
+                    f"Batch weight must be non-negative and finite, got {weight}: check `batch_size_fn` "
+                    "(it returns the number of averaged terms of a batch, e.g. its valid tokens)."
+                )
             count += 1
+            if weight == 0:  # e.g. a micro-batch of padding only: it contributes nothing
+                continue
             if caching:
                 cached_bytes += _nbytes(moved)
                 if cached_bytes > self.max_cache_bytes:
@@ -297,7 +323,7 @@ class HessianOperator:
 
     def _autograd_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Double-backward HVP of one batch; tangents have a leading probe dimension."""
-        if self.compute_dtype is None:
+        if self.compute_dtype is None or self.compute_dtype == self._params[0].dtype:
             params = self._params
             loss = self._wrapper(batch)
         else:  # a cast copy of the parameters, differentiated through functional_call
@@ -457,7 +483,7 @@ class HessianOperator:
         total, weight = 0.0, 0.0
         with self._guarded(), torch.no_grad():
             for batch, w in self._batches():
-                total += w * float(self._wrapper(batch))
+                total += w * float(self._loss_of_batch(batch))
                 weight += w
         if self.all_reduce is not None:
             packed = self.all_reduce(torch.tensor([total, weight], dtype=torch.float64, device=self.device))
