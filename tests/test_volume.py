@@ -571,6 +571,14 @@ def test_two_shard_all_reduce_equals_single_process(digits):
         assert res.log_volume == pytest.approx(single.log_volume, abs=1e-8)
         assert torch.allclose(res.log_radii, single.log_radii, atol=1e-10, rtol=0)
         assert torch.equal(res.evaluations, single.evaluations)
+    # The exact Gauss-Newton diagonal and the flat-coordinate check reduce across shards too.
+    for extra in (dict(preconditioner="hessian_diag"), dict(preconditioner=None, measure="lebesgue", prior_std=1.0)):
+        options = {**kwargs, "num_directions": 6, **extra}
+        single = local_volume(model, batches, seed=3, optimizer=optimizer, **options)
+        for res in _run_ranks(model, optimizer, [batches[:2], batches[2:]], seed=3, **options):
+            assert res.log_volume == pytest.approx(single.log_volume, abs=1e-8) or res.log_volume == single.log_volume
+            assert torch.allclose(res.log_radii, single.log_radii, atol=1e-10, rtol=0)
+            assert res.flat_parameters == single.flat_parameters
     # seed=None: each rank draws its own seed, the reduced (summed) seed is shared.
     kwargs["num_directions"] = 4
     unseeded = _run_ranks(model, optimizer, [batches[:2], batches[2:]], seed=None, **kwargs)
