@@ -21,6 +21,10 @@ from tests.lightning_helpers import DigitsModule, digits_dataset, digits_loader,
 
 SCALARS = [
     "log_volume",
+    "log_volume_lower_bound",
+    "effective_sample_size",
+    "top_weight_share",
+    "num_flat",
     "log10_probability",
     "description_length_bits",
     "log_radius_mean",
@@ -73,9 +77,13 @@ def test_tensorboard_logs_and_exact_values(tmp_path: Path):
 
     # The "init" prior is the snapshot of the weights before training.
     assert monitor.init_prior == init_prior_std(initial)
-    # Defaults: Adam preconditioner from the trainer's optimizer, eps 1e-2 under the init prior.
+    # Defaults: Adam preconditioner from the trainer's optimizers, the library's scale-free eps.
     assert est.preconditioner == "adam" and est.measure == "gaussian"
-    assert monitor.effective_preconditioner_eps == 1e-2
+    assert monitor.effective_preconditioner_eps is None and est.preconditioner_eps_relative == 3.0
+    # Confidence: ESS in [1, k], the Markov bound at 95 % below the estimate, both logged.
+    assert 1.0 <= monitor.history[-1]["effective_sample_size"] <= K
+    assert monitor.history[-1]["log_volume_lower_bound"] == pytest.approx(est.log_volume + math.log(0.05))
+    assert monitor.history[-1]["log_volume_lower_bound"] < monitor.history[-1]["log_volume"]
 
     # The logged value equals a direct call on the final model, same subset / optimizer / seed.
     dataset = digits_dataset(400)
@@ -85,8 +93,7 @@ def test_tensorboard_logs_and_exact_values(tmp_path: Path):
         module,
         data,
         preconditioner="adam",
-        optimizer=trainer.optimizers[0],
-        preconditioner_eps=1e-2,
+        optimizer=trainer.optimizers,
         prior_std=init_prior_std(initial),
         num_directions=K,
         seed=3,
@@ -168,7 +175,14 @@ def test_no_logger_every_n_epochs_and_alternatives():
     assert math.isfinite(float(trainer.callback_metrics["volume/log_volume"]))
     assert len(hdiag.history) == 3 and hdiag.last_estimate is not None
     assert hdiag.last_estimate.preconditioner == "hessian_diag" and hdiag.last_estimate.measure == "lebesgue"
-    assert math.isfinite(float(trainer.callback_metrics["vol_h/log_volume"]))
+    assert hdiag.last_estimate.preconditioner_passes == 40 * 10  # exact Gauss-Newton diagonal: 40 samples x 10 classes
+    # The digits' border pixels are always zero: the weights reading them are exactly flat, so the
+    # Lebesgue volume is infinite (and said so), while the sampled directions all crossed.
+    assert float(trainer.callback_metrics["vol_h/log_volume"]) == math.inf
+    assert hdiag.last_estimate.flat_parameters.get("net.0.weight", 0) >= 8
+    assert hdiag.history[-1]["num_flat"] == sum(hdiag.last_estimate.flat_parameters.values())
+    assert hdiag.last_estimate.num_capped == 0
+    assert math.isfinite(hdiag.last_estimate.log_radius_mean)
 
 
 @pytest.mark.parametrize("preconditioner", ["adam", "adam_exp_avg"])
@@ -272,6 +286,10 @@ def test_lightning_cli_config(tmp_path: Path):
         ({"rel_tol": 0.0}, "rel_tol"),
         ({"rel_tol": 0.5}, "rel_tol"),
         ({"optimizer_index": -1}, "optimizer_index"),
+        ({"data": "test"}, "data"),
+        ({"data": "val", "dataset": digits_dataset(10)}, "data"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"preconditioner_eps": "best"}, "preconditioner_eps"),
         ({"prefix": 3}, "prefix"),
     ],
 )
@@ -290,3 +308,125 @@ def test_state_dict_round_trip():
     assert other.history == monitor.history and other.analysis.indices == [1, 5]
     assert other.init_prior == {"w": 0.1} and monitor.state_dict()["seed"] == 42
     assert LocalVolumeMonitor().prefix == "volume/"
+
+
+# --------------------------------------------------------------------------------------------
+# Several optimizers, held-out data, confidence, configuration errors at fit start
+# --------------------------------------------------------------------------------------------
+
+
+class _ManualModule(pl.LightningModule):
+    """Digits MLP with manual optimization: one Adam, or two (body and head) with the same settings."""
+
+    def __init__(self, two_optimizers: bool, head_sgd: bool = False, unused: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.two_optimizers = two_optimizers
+        self.head_sgd = head_sgd
+        self.body = torch.nn.Linear(64, 16)
+        self.head = torch.nn.Linear(16, 10)
+        self.unused = torch.nn.Linear(2, 2) if unused else None  # never gets a gradient
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        for opt in optimizers:
+            opt.step()
+
+    def configure_optimizers(self):
+        body = list(self.body.parameters()) + (list(self.unused.parameters()) if self.unused is not None else [])
+        if not self.two_optimizers:
+            return torch.optim.Adam(body + list(self.head.parameters()), lr=0.01)
+        head = (
+            torch.optim.SGD(self.head.parameters(), lr=0.05)
+            if self.head_sgd
+            else torch.optim.Adam(self.head.parameters(), lr=0.01)
+        )
+        return [torch.optim.Adam(body, lr=0.01), head]
+
+
+def test_two_optimizer_manual_optimization_equals_the_single_optimizer_run():
+    two, one = _monitor(), _monitor()
+    torch.manual_seed(0)
+    _fit(_ManualModule(two_optimizers=True), two, max_epochs=2)
+    torch.manual_seed(0)
+    _fit(_ManualModule(two_optimizers=False), one, max_epochs=2)
+    assert len(two.history) == len(one.history) == 2
+    for a, b in zip(two.history, one.history):
+        assert math.isfinite(a["log_volume"])
+        # Two Adams over disjoint parameters step exactly like one: same weights, same exp_avg_sq.
+        assert a["log_volume"] == pytest.approx(b["log_volume"], rel=1e-9)
+
+
+def test_adam_body_with_sgd_head_warns_and_stays_finite():
+    monitor = _monitor()
+    with pytest.warns(UserWarning, match="SGD.*median scale"):
+        _fit(_ManualModule(two_optimizers=True, head_sgd=True), monitor, max_epochs=1)
+    assert math.isfinite(monitor.history[-1]["log_volume"])
+
+
+def test_parameter_in_no_optimizer_fails_at_fit_start_and_one_without_gradient_is_named():
+    class HeadOnly(_ManualModule):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.head.parameters(), lr=0.01)
+
+    monitor = _monitor()
+    trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_epochs=1))
+    with pytest.raises(ValueError, match=r"\['body.weight', 'body.bias'\] belong to no optimizer"):
+        trainer.fit(HeadOnly(two_optimizers=False), digits_loader(limit=200))
+    assert trainer.global_step == 0
+    # In an optimizer but never given a gradient: Adam has no state for it at the evaluation.
+    monitor = _monitor()
+    with pytest.warns(UserWarning, match=r"no Adam `exp_avg_sq`.*\['unused.weight', 'unused.bias'\].*requires_grad=False"):
+        _fit(_ManualModule(two_optimizers=True, unused=True), monitor, max_epochs=1)
+    assert math.isnan(monitor.history[-1]["log_volume"])
+
+
+class _ValidatedModule(DigitsModule):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+def test_held_out_data_is_one_argument_away():
+    monitor = _monitor(data="val", analysis_fraction=0.5, seed=1)
+    module = _ValidatedModule(hidden=8, optimizer="adam")
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_epochs=1, num_sanity_val_steps=0))
+    full = digits_dataset(600)
+    val = Subset(full, list(range(400, 600)))
+    trainer.fit(module, DataLoader(Subset(full, list(range(400))), batch_size=64), DataLoader(val, batch_size=64))
+    assert monitor.analysis.dataset_length == 200 and len(monitor.analysis.indices) == 100
+    direct = local_volume(
+        module,
+        DataLoader(Subset(val, monitor.analysis.indices), batch_size=256),
+        preconditioner="adam",
+        optimizer=trainer.optimizers,
+        prior_std=monitor.init_prior,
+        num_directions=K,
+        seed=1,
+    )
+    assert monitor.history[-1]["log_volume"] == pytest.approx(direct.log_volume, rel=1e-12)
+    # Without validation, data="val" is a configuration error before the first step.
+    trainer = pl.Trainer(callbacks=[_monitor(data="val")], **trainer_kwargs(max_epochs=1))
+    with pytest.raises(ValueError, match=r"data='val'.*dataset="):
+        trainer.fit(DigitsModule(hidden=8, optimizer="adam"), digits_loader(limit=200))
+    assert trainer.global_step == 0
+
+
+def test_low_effective_sample_size_warns_once():
+    monitor = _monitor(num_directions=4)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(DigitsModule(hidden=8, optimizer="adam"), monitor, max_epochs=2)
+    low = [r for r in record if "effective sample size" in str(r.message)]
+    ess = [row["effective_sample_size"] for row in monitor.history]
+    assert all(1.0 <= value <= 4 for value in ess)
+    assert len(low) == (1 if min(ess) < 2.0 else 0)

@@ -15,7 +15,10 @@ from torch import nn
 from lightning_hessian._radius import find_radii
 from lightning_hessian.errors import HessianComputationError
 from lightning_hessian.volume import (
+    EPS_GRID,
+    MissingOptimizerStateError,
     VolumeComputationError,
+    ggn_diagonal,
     init_prior_std,
     local_volume,
     log_radial_gaussian_integral,
@@ -124,21 +127,15 @@ def test_quadratic_lebesgue_matches_closed_form_with_exact_preconditioner():
     assert math.isclose(exact.lebesgue_log_volume, exact.log_volume)
     assert math.isclose(exact.description_length_bits, -exact.log_volume / math.log(2))
     assert math.isclose(exact.log10_probability, exact.log_volume / math.log(10))
-    # Hutchinson's diag(H) is exact for a diagonal Hessian: the "hessian_diag" preconditioner
-    # with eps = 0 is the exact one.
-    hdiag = local_volume(
-        model,
-        data,
-        cost="gaussian",
-        measure="lebesgue",
-        cutoff=cutoff,
-        num_directions=8,
-        preconditioner="hessian_diag",
-        preconditioner_eps=0.0,
-        preconditioner_probes=4,
-    )
+    # The exact Gauss-Newton diagonal, and Hutchinson's diag(H) (exact for a diagonal Hessian):
+    # with eps = 0 both "hessian_diag" preconditioners are the exact one.
+    common = dict(cost="gaussian", measure="lebesgue", cutoff=cutoff, num_directions=8, preconditioner_eps=0.0)
+    hdiag = local_volume(model, data, preconditioner="hessian_diag", **common)
     assert abs(hdiag.log_volume - closed) < 1e-6
-    assert hdiag.preconditioner_hvps == 4
+    assert hdiag.preconditioner_hvps == 0 and hdiag.preconditioner_passes == N * OUT  # one row per output
+    hutch = local_volume(model, data, preconditioner="hessian_diag_hutchinson", preconditioner_probes=4, **common)
+    assert abs(hutch.log_volume - closed) < 1e-6
+    assert hutch.preconditioner_hvps == 4
 
 
 def test_loss_cost_on_least_squares_matches_closed_form():
@@ -340,15 +337,95 @@ def test_digits_adam_preconditioner_beats_naive(digits, digits_estimates):
     assert adam.log_volume > naive.log_volume + 100
     assert adam.log_contribution_std < naive.log_contribution_std
     # Under the (much narrower) initialisation prior, s ~ 0.07, radii (~2.7) are comparable to
-    # the prior's own scale (t* ~ s sqrt(n) ~ 5) and eps = 1e-3 over-stretches the flat
-    # directions; a milder eps = 1e-2 still wins, with a smaller spread.
+    # the prior's own scale (t* ~ s sqrt(n) ~ 5): stretching flat coordinates far beyond it loses
+    # (rho <= 1.5 loses to naive there); the default rho = 3 still wins.
     model, optimizer, data, prior = digits
     naive_init = local_volume(model, data, prior_std=prior, num_directions=100, seed=0)
-    adam_init = local_volume(
-        model, data, prior_std=prior, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer, preconditioner_eps=1e-2
-    )
+    adam_init = local_volume(model, data, prior_std=prior, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer)
     assert adam_init.log_volume > naive_init.log_volume
-    assert adam_init.log_contribution_std < naive_init.log_contribution_std
+    assert adam_init.preconditioner_eps_relative == 3.0
+    scale = _adam_scale(optimizer, model)
+    assert adam_init.preconditioner_eps == pytest.approx(3.0 * float(scale[scale > 0].median()))  # median of sqrt(v_hat) > 0
+
+
+def _adam_scale(optimizer, model):
+    """sqrt of the bias-corrected second moments, by hand."""
+    blocks = []
+    for group in optimizer.param_groups:
+        beta2 = group["betas"][1]
+        for p in group["params"]:
+            state = optimizer.state[p]
+            blocks.append((state["exp_avg_sq"].double() / (1 - beta2 ** int(state["step"]))).sqrt().reshape(-1))
+    return torch.cat(blocks)
+
+
+def _scaled_adam(model, optimizer, scale):
+    """An Adam whose state is the one reached with the loss multiplied by ``scale`` (same updates)."""
+    other = torch.optim.Adam(model.parameters(), lr=3e-3)
+    other.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for state in other.state.values():
+        state["exp_avg_sq"].mul_(scale * scale)
+        state["exp_avg"].mul_(scale)
+    return other
+
+
+@pytest.mark.parametrize("prior_kind", ["standard", "init"])
+def test_digits_adam_preconditioner_is_loss_scale_free(digits, prior_kind):
+    model, optimizer, data, prior = digits
+    prior_std = 1.0 if prior_kind == "standard" else prior
+    naive = local_volume(model, data, prior_std=prior_std, num_directions=100, seed=0)
+    base = local_volume(model, data, prior_std=prior_std, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer)
+    for scale in (0.01, 10.0, 1000.0):
+        est = local_volume(
+            model, data, prior_std=prior_std, num_directions=100, seed=0, preconditioner="adam",
+            optimizer=_scaled_adam(model, optimizer, scale),
+        )
+        assert abs(est.log_volume - base.log_volume) < 10.0, scale
+        assert est.log_volume >= naive.log_volume, scale
+    # The raw buffer with an absolute eps (the old default) moved by > 1,000 nats between loss x1
+    # and x10 on this model; the bias correction is applied with each parameter's step count.
+    assert base.log_volume >= naive.log_volume
+
+
+@pytest.mark.parametrize("prior_kind", ["standard", "init"])
+def test_digits_exact_hessian_diagonal_beats_naive(digits, prior_kind):
+    model, _, data, prior = digits
+    prior_std = 1.0 if prior_kind == "standard" else prior
+    naive = local_volume(model, data, prior_std=prior_std, num_directions=100, seed=0)
+    hdiag = local_volume(model, data, prior_std=prior_std, num_directions=100, seed=0, preconditioner="hessian_diag")
+    assert hdiag.log_volume >= naive.log_volume
+    assert hdiag.preconditioner_passes == 179 * 10  # one Jacobian row per (example, class)
+    assert hdiag.preconditioner_hvps == 0
+
+
+def test_digits_auto_eps_is_the_best_of_the_grid_with_its_price(digits):
+    model, optimizer, data, prior = digits
+    kwargs = dict(prior_std=prior, num_directions=30, seed=0, preconditioner="adam", optimizer=optimizer)
+    auto = local_volume(model, data, preconditioner_eps="auto", **kwargs)
+    singles = {rho: local_volume(model, data, preconditioner_eps=rho, **kwargs) for rho in EPS_GRID}
+    best_rho = max(singles, key=lambda rho: singles[rho].log_volume)
+    assert auto.preconditioner_eps_relative == best_rho
+    assert auto.log_volume == singles[best_rho].log_volume  # shared directions: the same numbers
+    assert auto.selection_log_penalty == pytest.approx(math.log(len(EPS_GRID)))
+    assert auto.log_volume_lower_bound(0.9) == pytest.approx(auto.log_volume + math.log(0.1) - math.log(len(EPS_GRID)))
+    assert auto.num_forward_passes == sum(int(e.evaluations.sum()) for e in singles.values()) + 1
+
+
+def test_confidence_is_reported(digits_estimates):
+    for est in digits_estimates:
+        assert 1.0 <= est.effective_sample_size <= est.num_directions
+        assert 0.0 < est.top_weight_share <= 1.0
+        # Kish's ESS from the log weights, by hand.
+        w = torch.exp(est.log_contributions - est.log_contributions.max())
+        assert est.effective_sample_size == pytest.approx(float(w.sum() ** 2 / (w * w).sum()))
+        assert est.top_weight_share == pytest.approx(float(w.max() / w.sum()))
+        assert est.log_volume_lower_bound(0.95) == pytest.approx(est.log_volume + math.log(0.05))
+        assert est.log_volume_lower_bound(0.5) < est.log_volume
+        metrics = est.metrics()
+        assert metrics["effective_sample_size"] == est.effective_sample_size
+        assert metrics["log_volume_lower_bound"] == est.log_volume_lower_bound(0.95)
+    with pytest.raises(ValueError, match="confidence"):
+        digits_estimates[0].log_volume_lower_bound(1.0)
 
 
 def test_digits_forward_passes_versus_bisection(digits, digits_estimates):
@@ -494,6 +571,14 @@ def test_two_shard_all_reduce_equals_single_process(digits):
         assert res.log_volume == pytest.approx(single.log_volume, abs=1e-8)
         assert torch.allclose(res.log_radii, single.log_radii, atol=1e-10, rtol=0)
         assert torch.equal(res.evaluations, single.evaluations)
+    # The exact Gauss-Newton diagonal and the flat-coordinate check reduce across shards too.
+    for extra in (dict(preconditioner="hessian_diag"), dict(preconditioner=None, measure="lebesgue", prior_std=1.0)):
+        options = {**kwargs, "num_directions": 6, **extra}
+        single = local_volume(model, batches, seed=3, optimizer=optimizer, **options)
+        for res in _run_ranks(model, optimizer, [batches[:2], batches[2:]], seed=3, **options):
+            assert res.log_volume == pytest.approx(single.log_volume, abs=1e-8) or res.log_volume == single.log_volume
+            assert torch.allclose(res.log_radii, single.log_radii, atol=1e-10, rtol=0)
+            assert res.flat_parameters == single.flat_parameters
     # seed=None: each rank draws its own seed, the reduced (summed) seed is shared.
     kwargs["num_directions"] = 4
     unseeded = _run_ranks(model, optimizer, [batches[:2], batches[2:]], seed=None, **kwargs)
@@ -661,3 +746,239 @@ def test_no_warnings_on_the_common_path(digits):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         local_volume(model, data, prior_std=prior, num_directions=3, preconditioner="adam", optimizer=optimizer)
+
+
+# --------------------------------------------------------------------------------------------
+# The exact Gauss-Newton diagonal
+# --------------------------------------------------------------------------------------------
+
+
+def _exact_cost_hessian_diagonal(model, data, cost, mask_fn=None):
+    """diag of the float64 Hessian of the KL/Gaussian cost at the anchor, by double backward."""
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    with torch.no_grad():
+        anchors = [model(batch[0]) for batch in data]
+
+    def total_cost(flat):
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = flat[offset : offset + shape.numel()].reshape(shape)
+            offset += shape.numel()
+        num, den = 0.0, 0.0
+        for batch, anchor in zip(data, anchors):
+            out = torch.func.functional_call(model, params, (batch[0],))
+            if cost == "kl":
+                log_p = torch.log_softmax(anchor, -1)
+                per = (log_p.exp() * (log_p - torch.log_softmax(out, -1))).sum(-1)
+            else:
+                per = 0.5 * (out - anchor).pow(2).sum(-1)
+            mask = mask_fn(batch).double() if mask_fn is not None else torch.ones_like(per)
+            num = num + (per * mask).sum()
+            den = den + mask.sum()
+        return num / den
+
+    hessian = torch.autograd.functional.hessian(total_cost, theta)
+    assert torch.allclose(hessian, hessian.T, atol=1e-12)
+    return torch.diagonal(hessian)
+
+
+class _TinySequenceModel(nn.Module):
+    """Embedding-free sequence classifier: [B, T, 3] -> LayerNorm -> tanh MLP -> [B, T, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(3)
+        self.hidden = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.hidden(self.norm(x))))
+
+
+@pytest.mark.parametrize("cost", ["kl", "gaussian"])
+def test_ggn_diagonal_matches_the_exact_hessian_diagonal(cost):
+    from lightning_hessian.volume.cost import CostEvaluator, default_output_fn
+
+    torch.manual_seed(3)
+    model = _TinySequenceModel().double()
+    with torch.no_grad():
+        model.norm.weight.add_(0.3 * torch.randn(3, dtype=torch.float64))  # no symmetric LayerNorm
+    gen = torch.Generator().manual_seed(4)
+    data = [(torch.randn(6, 5, 3, generator=gen, dtype=torch.float64), torch.rand(6, 5, generator=gen) > 0.3) for _ in range(2)]
+    mask_fn = lambda batch: batch[1]  # noqa: E731
+    params = list(model.parameters())
+    evaluator = CostEvaluator(
+        model, data, cost=cost, output_fn=default_output_fn, batch_loss=None, mask_fn=mask_fn,
+        batch_size_fn=lambda b: float(len(b[0])), names=[n for n, _ in model.named_parameters()], params=params,
+        all_reduce=None,
+    )
+    diag, rows = ggn_diagonal(evaluator)
+    exact = _exact_cost_hessian_diagonal(model, data, cost, mask_fn)
+    assert rows == 2 * 6 * 5 * 4
+    assert torch.allclose(diag, exact, rtol=1e-6, atol=1e-12 * float(exact.abs().max()))
+    # The per-example loop fallback gives the same numbers.
+    evaluator._ggn_vmap_ok = False
+    looped, _ = ggn_diagonal(evaluator)
+    assert torch.allclose(looped, diag, rtol=1e-10, atol=1e-15)
+
+
+def test_ggn_diagonal_needs_a_kl_or_gaussian_cost():
+    model = nn.Linear(4, 3)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    with pytest.raises(ValueError, match="hessian_diag_hutchinson"):
+        local_volume(model, data, cost="loss", loss_fn=F.cross_entropy, preconditioner="hessian_diag", num_directions=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Clear failures
+# --------------------------------------------------------------------------------------------
+
+
+def test_cost_above_the_cutoff_at_the_anchor_raises_naming_the_cutoff():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    data = [(torch.randn(8, 4),)]
+
+    def offset_cost(outputs, anchor_outputs, batch):
+        return 0.5 * (outputs - anchor_outputs).pow(2).sum(-1) + 0.02  # C(theta) = 0.02
+
+    with pytest.raises(ValueError, match=r"cutoff = 0\.01"):
+        local_volume(model, data, cost=offset_cost, cutoff=1e-2, num_directions=2)
+    est = local_volume(model, data, cost=offset_cost, cutoff=0.05, num_directions=2, measure="lebesgue")
+    assert math.isfinite(est.log_volume)
+
+
+def test_zero_radius_contributes_minus_infinity_never_nan():
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    b = torch.tensor([0.0, -1.0], dtype=torch.float64)
+    r = torch.tensor([0.0, 1.5], dtype=torch.float64)
+    values = log_radial_gaussian_integral(a, b, 10, r)
+    assert values[0] == -math.inf
+    assert torch.isfinite(values[1])
+    from lightning_hessian.volume.measure import gaussian_log_contributions, lebesgue_log_contributions
+
+    log_r = torch.tensor([-math.inf, 0.0], dtype=torch.float64)
+    log_vn = torch.zeros(2, dtype=torch.float64)
+    leb = lebesgue_log_contributions(log_r, log_vn, 10)
+    gauss = gaussian_log_contributions(log_r, log_vn, a, b, n=10, sum_log_prior_std=0.0, anchor_quadratic=1.0)
+    for values in (leb, gauss):
+        assert values[0] == -math.inf and torch.isfinite(values[1])
+        assert math.isfinite(float(torch.logsumexp(values, 0)))
+
+
+def _blank_pixel_problem():
+    """Digits-like: input 0 is always zero, so the weights reading it are exactly flat."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(40, 5, generator=gen)
+    x[:, 0] = 0.0
+    return model, [(x, torch.zeros(40))]
+
+
+def test_exactly_flat_coordinates_give_infinite_lebesgue_volume_with_a_warning():
+    model, data = _blank_pixel_problem()
+    with pytest.warns(UserWarning, match=r"exactly flat.*0\.weight \(6\)"):
+        est = local_volume(model, data, measure="lebesgue", num_directions=8)
+    assert est.log_volume == math.inf and est.lebesgue_log_volume == math.inf
+    assert est.flat_parameters == {"0.weight": 6}
+    assert est.metrics()["num_flat"] == 6.0
+    assert est.num_capped == 0  # the sampled directions all cross: only the check sees it
+    # The Gaussian measure is finite there, and without flat coordinates nothing is flagged.
+    gauss = local_volume(model, data, measure="gaussian", num_directions=8)
+    assert math.isfinite(gauss.log_volume) and gauss.flat_parameters == {}
+    data[0][0][:, 0] = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finite = local_volume(model, data, measure="lebesgue", num_directions=8)
+    assert math.isfinite(finite.log_volume) and finite.flat_parameters == {}
+
+
+def test_zero_jacobian_column_that_is_not_flat_far_away_is_not_flagged():
+    # A ReLU unit dead on every analysis input: its incoming weights have zero Jacobian columns,
+    # but moving one of them far enough revives the unit, so they are not flat.
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.5], [1.0, 1.0]], dtype=torch.float64))
+        model[0].bias.copy_(torch.tensor([0.0, -10.0], dtype=torch.float64))  # unit 1 is dead
+    x = torch.rand(30, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.1
+    with pytest.warns(UserWarning, match="exactly flat") as record:
+        est = local_volume(model, [(x,)], measure="lebesgue", num_directions=4)
+    # Only the dead unit's outgoing weights are flat (column 1 of the head's weight).
+    assert est.flat_parameters == {"2.weight": 2}, [str(w.message) for w in record]
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer state across optimizers
+# --------------------------------------------------------------------------------------------
+
+
+def _split_adam(model, optimizer, groups):
+    """Adam optimizers over ``groups`` of parameter indices carrying ``optimizer``'s exact state."""
+    params = list(model.parameters())
+    out = []
+    for indices in groups:
+        opt = torch.optim.Adam([params[i] for i in indices], lr=3e-3)
+        for i in indices:
+            opt.state[params[i]] = {k: v.clone() for k, v in optimizer.state[params[i]].items()}
+        out.append(opt)
+    return out
+
+
+def test_adam_state_gathered_from_several_optimizers_equals_one_optimizer(digits):
+    model, optimizer, data, prior = digits
+    kwargs = dict(prior_std=prior, num_directions=10, seed=0, preconditioner="adam")
+    single = local_volume(model, data, optimizer=optimizer, **kwargs)
+    body, head = _split_adam(model, optimizer, [[0, 1], [2, 3]])
+    both = local_volume(model, data, optimizer=[body, head], **kwargs)
+    assert both.log_volume == single.log_volume
+    assert torch.equal(both.log_radii, single.log_radii)
+    with pytest.raises(MissingOptimizerStateError, match=r"\['2.weight', '2.bias'\].*none of the optimizers"):
+        local_volume(model, data, optimizer=body, **kwargs)
+
+
+def test_step_counts_are_per_optimizer(digits):
+    model, optimizer, data, prior = digits
+    body, head = _split_adam(model, optimizer, [[0, 1], [2, 3]])
+    for state in head.state.values():
+        state["step"] = torch.tensor(3.0)  # the head optimizer took 3 steps: v_hat = v / (1 - b2^3)
+        state["exp_avg_sq"].mul_(1 - 0.999**3)
+    for state in body.state.values():
+        state["exp_avg_sq"].mul_(1 - 0.999**300)
+    kwargs = dict(prior_std=prior, num_directions=10, seed=0, preconditioner="adam")
+    corrected = local_volume(model, data, optimizer=[body, head], **kwargs)
+    # Same bias-corrected moments (up to float32 rounding), hence the same estimate.
+    reference = local_volume(model, data, optimizer=optimizer, **kwargs)
+    assert corrected.log_volume == pytest.approx(reference.log_volume, abs=1e-3)
+    # Reading the head's buffer with the body's step count would be wrong by far more.
+    for state in head.state.values():
+        state["step"] = torch.tensor(300.0)
+    wrong = local_volume(model, data, optimizer=[body, head], **kwargs)
+    assert abs(wrong.log_volume - reference.log_volume) > 1.0
+
+
+def test_mixed_adam_and_sgd_uses_the_median_scale_with_a_warning(digits):
+    model, optimizer, data, prior = digits
+    (body,) = _split_adam(model, optimizer, [[0, 1]])
+    params = list(model.parameters())
+    sgd = torch.optim.SGD(params[2:], lr=0.1)
+    with pytest.warns(UserWarning, match=r"\['2.weight', '2.bias'\].*non-Adam.*median"):
+        est = local_volume(model, data, optimizer=[body, sgd], prior_std=prior, num_directions=10, seed=0, preconditioner="adam")
+    assert math.isfinite(est.log_volume)
+    # The rule, checked on the preconditioner itself: the head gets the median of the body's scale.
+    by_hand = _adam_scale(optimizer, model)[: params[0].numel() + params[1].numel()]
+    median = float(by_hand[by_hand > 0].median())
+    eps = 3.0 * median
+    log_p = -torch.log(torch.cat([by_hand, torch.full((params[2].numel() + params[3].numel(),), median, dtype=torch.float64)]) + eps)
+    reference = local_volume(model, data, preconditioner=torch.exp(log_p), prior_std=prior, num_directions=10, seed=0)
+    assert est.log_volume == pytest.approx(reference.log_volume, abs=1e-3)
+
+
+def test_parameter_without_adam_state_is_named(digits):
+    model, optimizer, data, prior = digits
+    body, head = _split_adam(model, optimizer, [[0, 1], [2, 3]])
+    head.state.pop(list(model.parameters())[3])  # the head bias never got a gradient
+    with pytest.raises(MissingOptimizerStateError, match=r"\['2.bias'\].*requires_grad=False"):
+        local_volume(model, data, optimizer=[body, head], prior_std=prior, num_directions=3, preconditioner="adam")

@@ -9,43 +9,51 @@ from typing import Any, Literal, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_hessian.callbacks._analysis_set import _plain_dataloader
 from lightning_hessian.callbacks._base import CurvatureCallback
-from lightning_hessian.volume import VolumeComputationError, VolumeEstimate, init_prior_std, local_volume
+from lightning_hessian.optim_state import ADAM_LIKE, param_groups, unwrap_optimizer
+from lightning_hessian.volume import (
+    MissingOptimizerStateError,
+    VolumeComputationError,
+    VolumeEstimate,
+    init_prior_std,
+    local_volume,
+)
 
 __all__ = ["LocalVolumeMonitor"]
 
 _SCALARS = (
     "log_volume",
+    "log_volume_lower_bound",
     "log10_probability",
     "description_length_bits",
+    "effective_sample_size",
+    "top_weight_share",
     "log_radius_mean",
     "log_radius_std",
     "log_contribution_std",
     "num_capped",
     "num_unconverged",
+    "num_flat",
     "num_forward_passes",
     "seconds",
 )
-_PRECONDITIONERS = ("adam", "adam_exp_avg", "hessian_diag", "none")
+_PRECONDITIONERS = ("adam", "adam_exp_avg", "hessian_diag", "hessian_diag_hutchinson", "none")
 # Adam's buffer read by each optimizer-based preconditioner.
 _ADAM_KEYS = {"adam": "exp_avg_sq", "adam_exp_avg": "exp_avg"}
 # torch.optim classes known to keep those buffers (state is created lazily at the first step).
 _HAS_EXP_AVG_SQ = ("Adam", "AdamW", "NAdam", "RAdam", "SparseAdam")
 _HAS_EXP_AVG = (*_HAS_EXP_AVG_SQ, "Adamax")
-# With the initialisation prior, the Adam preconditioners need a milder eps than volume.py's 1e-3.
-_INIT_PRIOR_ADAM_EPS = 1e-2
+# Below this effective sample size a rank-zero warning says one direction carries the estimate.
+_LOW_ESS = 2.0
 
 CostName = Literal["kl", "gaussian", "loss"]
-PreconditionerName = Literal["adam", "adam_exp_avg", "hessian_diag", "none"]
+PreconditionerName = Literal["adam", "adam_exp_avg", "hessian_diag", "hessian_diag_hutchinson", "none"]
 PriorStd = Union[float, dict[str, float], Literal["init"]]
-
-
-def _unwrap(optimizer: Any) -> Any:
-    inner = getattr(optimizer, "_optimizer", None)  # LightningOptimizer
-    return inner if inner is not None else optimizer
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -81,27 +89,41 @@ class LocalVolumeMonitor(CurvatureCallback):
     paper's quantity: the probability of sampling a network that behaves like the trained one
     when drawing weights from the initialisation distribution.
 
-    **Preconditioner.** ``"adam"`` (default) reads ``exp_avg_sq`` of the trainer's optimizer
-    number ``optimizer_index`` (Adam, AdamW, NAdam, RAdam; read only, never modified), giving
-    :math:`p_j \propto 1/(\sqrt{d_j} + \varepsilon)` with :math:`\det P = 1`; ``"adam_exp_avg"``
-    reads ``exp_avg``; ``"hessian_diag"`` estimates diag(H) of the cost by Hutchinson (32
-    Hessian-vector products); ``None``/``"none"`` is the naive estimator. Every valid
-    preconditioner gives a high-confidence lower bound on the log volume, so larger is better.
-    ``preconditioner_eps=None`` means 1e-2 for the Adam kinds with the default ``"init"`` prior and
-    the library defaults otherwise (1e-3 for the Adam kinds, 1e-2 for ``"hessian_diag"``): under the
-    initialisation prior (s ≈ 0.07 on the 64-64-10 digits MLP) the radii are comparable to the
-    prior's own scale, and eps = 1e-3 over-stretches the flat directions so far that the
-    preconditioned estimate falls *below* the naive one, while eps = 1e-2 beats the naive
-    estimator with a smaller spread (``tests/test_volume.py``); under ``N(0, 1)`` eps = 1e-3 wins by
-    over 100 nats. An optimizer that cannot hold the needed buffer (e.g. SGD with
-    ``preconditioner="adam"``) raises a ``ValueError`` at fit start, before any training step;
-    Adam's state is created at its first step, so it exists at the first evaluation (epoch end).
+    **Preconditioner.** ``"adam"`` (default) reads the bias-corrected second moments
+    :math:`\hat v = ` ``exp_avg_sq / (1 - beta2**t)`` of *every* optimizer in
+    ``trainer.optimizers`` (manual optimization with a body and a head optimizer included), each
+    parameter with its own optimizer's step count (read only, never modified), giving
+    :math:`p_j \propto 1/(\sqrt{\hat v_j} + \varepsilon)` with :math:`\det P = 1` and a scale-free
+    ε = ``preconditioner_eps`` × the median :math:`\sqrt{\hat v}` (default 3; Adam's own ``eps``
+    as a floor), so the estimate does not depend on the loss's scale or on the number of steps
+    taken. Parameters of a non-Adam optimizer (SGD for the head) get the median scale, with a
+    warning. ``"adam_exp_avg"`` reads ``exp_avg``; ``"hessian_diag"`` uses the exact Gauss-Newton
+    (Fisher) diagonal of the cost (deterministic; ``cost="kl"``/``"gaussian"``);
+    ``"hessian_diag_hutchinson"`` a noisy Hutchinson estimate (opt-in); ``None``/``"none"`` is the
+    naive estimator. ``preconditioner_eps="auto"`` tries a small grid of ε with the same
+    directions and keeps the largest estimate, charging ``log(grid size)`` in the lower bound.
+    Misconfiguration fails at fit start, before any training step: an optimizer that cannot hold
+    the needed buffer (SGD only with ``preconditioner="adam"``), a trainable parameter that no
+    optimizer owns. Adam's state is created at its first step; a parameter that still has none at
+    an evaluation (it never receives a gradient: freeze it) gives a warning naming it and NaN.
+
+    **Confidence.** ``volume/effective_sample_size`` (Kish's ESS of the importance weights, in
+    ``[1, num_directions]``) and ``volume/top_weight_share`` say how many directions carry the
+    estimate (on networks often one: ESS ≈ 1, then a rank-zero warning is issued once);
+    ``volume/log_volume_lower_bound`` is ``log_volume + log(1 - confidence)``, a lower bound on the
+    true log volume with probability ``>= confidence`` (Markov); ``log_volume`` itself is not one.
+
+    **Held-out data.** ``data="val"`` analyses a fixed ``analysis_fraction`` of the trainer's
+    validation set (the paper evaluates the KL on held-out data; the default ``"train"`` uses
+    training samples, i.e. the neighbourhood of behaviour on data the network was fitted to, which
+    is typically larger); ``dataset=``/``dataloader=`` analyse any other data.
 
     Scalars go through ``pl_module.log`` under ``prefix`` (``volume/log_volume``,
     ``volume/log10_probability``, ``volume/description_length_bits`` (:math:`-\log_2 P`),
     ``volume/log_radius_mean``, ``volume/log_radius_std``, ``volume/log_contribution_std``,
     ``volume/num_capped``, ``volume/num_unconverged``, ``volume/num_forward_passes``,
-    ``volume/seconds``), so every logger and ``trainer.callback_metrics`` see them; the
+    ``volume/seconds``, ``volume/effective_sample_size``, ``volume/top_weight_share``,
+    ``volume/log_volume_lower_bound``, ``volume/num_flat``), so every logger and ``trainer.callback_metrics`` see them; the
     per-direction log radii go to TensorBoard loggers as the histogram ``volume/log_radii``.
 
     Training is never affected: RNG streams (python, numpy, torch, CUDA), BatchNorm buffers,
@@ -120,6 +142,8 @@ class LocalVolumeMonitor(CurvatureCallback):
             so that epoch-to-epoch changes come from the weights).
         dataset: Analyse this dataset instead of the trainer's training dataset.
         dataloader: Analyse exactly these batches (no subsampling) instead.
+        data: ``"train"`` (default) or ``"val"``: which of the trainer's datasets the analysis set
+            is drawn from when neither ``dataset`` nor ``dataloader`` is given.
         cost: ``"kl"`` (default), ``"gaussian"`` (squared output distance / 2), ``"loss"``
             (loss increase) or a callable ``cost(outputs, anchor_outputs, batch)``.
         output_fn: ``output_fn(model, batch) -> outputs``; default ``model(batch[0])`` for
@@ -130,13 +154,16 @@ class LocalVolumeMonitor(CurvatureCallback):
         batch_loss: ``batch_loss(pl_module, batch) -> mean loss`` for ``cost="loss"``.
         cutoff: Cost level defining the neighbourhood, in nats (default 1e-2).
         num_directions: Sampled directions per evaluation (paper: 100).
-        preconditioner: ``"adam"`` (default), ``"adam_exp_avg"``, ``"hessian_diag"`` or ``None``.
-        preconditioner_eps: ε of the preconditioner; ``None`` for the defaults above.
+        preconditioner: ``"adam"`` (default), ``"adam_exp_avg"``, ``"hessian_diag"``,
+            ``"hessian_diag_hutchinson"`` or ``None``.
+        preconditioner_eps: ε as a fraction of the median scale (``None``: 3), or ``"auto"``.
         measure: ``"gaussian"`` (default) or ``"lebesgue"``.
         prior_std: ``"init"`` (default), a float, or ``{parameter name: std}``.
         init_prior_fallback: Std for constant initial tensors without a non-constant sibling.
         rel_tol: Relative tolerance of each radius (the log volume moves by at most ``n * rel_tol``).
-        optimizer_index: Which of ``trainer.optimizers`` the Adam preconditioners read.
+        optimizer_index: ``None`` (default): the Adam preconditioners read every optimizer; an
+            int restricts them to ``trainer.optimizers[optimizer_index]``.
+        confidence: Confidence of the logged ``log_volume_lower_bound`` (default 0.95).
         prefix: Metric name prefix.
         batch_size_fn: Weight of an analysis micro-batch for ``cost="loss"`` (default with the
             default loss: ``(targets != -100).sum()``, the token count; see
@@ -165,6 +192,7 @@ class LocalVolumeMonitor(CurvatureCallback):
         seed: int = 42,
         dataset: Dataset | None = None,
         dataloader: DataLoader | None = None,
+        data: Literal["train", "val"] = "train",
         cost: CostName | Callable[[Tensor, Tensor, Any], Tensor] = "kl",
         output_fn: Callable[[torch.nn.Module, Any], Tensor] | None = None,
         mask_fn: Callable[[Any], Tensor] | None = None,
@@ -173,12 +201,13 @@ class LocalVolumeMonitor(CurvatureCallback):
         cutoff: float = 1e-2,
         num_directions: int = 100,
         preconditioner: PreconditionerName | None = "adam",
-        preconditioner_eps: float | None = None,
+        preconditioner_eps: float | Literal["auto"] | None = None,
         measure: Literal["gaussian", "lebesgue"] = "gaussian",
         prior_std: PriorStd = "init",
         init_prior_fallback: float = 1.0,
         rel_tol: float = 1e-4,
-        optimizer_index: int = 0,
+        optimizer_index: int | None = None,
+        confidence: float = 0.95,
         prefix: str = "volume/",
         batch_size_fn: Callable[[Any], float] | None = None,
         on_error: Literal["warn", "raise"] = "warn",
@@ -209,6 +238,11 @@ class LocalVolumeMonitor(CurvatureCallback):
         for name, fn in (("output_fn", output_fn), ("mask_fn", mask_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
+        if data not in ("train", "val"):
+            raise ValueError(f"`data` must be 'train' or 'val', got {data!r}.")
+        if data == "val" and (dataset is not None or dataloader is not None):
+            raise ValueError("`data='val'` reads the trainer's validation set; do not also pass `dataset`/`dataloader`.")
+        self.data = data
         self.cost = cost
         self.output_fn = output_fn
         self.mask_fn = mask_fn
@@ -218,17 +252,23 @@ class LocalVolumeMonitor(CurvatureCallback):
         self.num_directions = num_directions
         if preconditioner is not None and not (isinstance(preconditioner, str) and preconditioner in _PRECONDITIONERS):
             raise ValueError(
-                f"`preconditioner` must be 'adam', 'adam_exp_avg', 'hessian_diag' or None, got {preconditioner!r}."
+                "`preconditioner` must be 'adam', 'adam_exp_avg', 'hessian_diag', 'hessian_diag_hutchinson' "
+                f"or None, got {preconditioner!r}."
             )
         self.preconditioner: str | None = None if preconditioner == "none" else preconditioner
-        if preconditioner_eps is not None and (
+        if preconditioner_eps is not None and preconditioner_eps != "auto" and (
             isinstance(preconditioner_eps, bool)
             or not isinstance(preconditioner_eps, (int, float))
             or not math.isfinite(preconditioner_eps)
             or preconditioner_eps < 0
         ):
-            raise ValueError(f"`preconditioner_eps` must be a finite float >= 0 or None, got {preconditioner_eps!r}.")
-        self.preconditioner_eps = None if preconditioner_eps is None else float(preconditioner_eps)
+            raise ValueError(
+                f"`preconditioner_eps` must be a finite float >= 0 (a fraction of the median scale), 'auto' "
+                f"or None, got {preconditioner_eps!r}."
+            )
+        self.preconditioner_eps: float | str | None = (
+            preconditioner_eps if preconditioner_eps in (None, "auto") else float(preconditioner_eps)  # type: ignore[arg-type]
+        )
         if measure not in ("gaussian", "lebesgue"):
             raise ValueError(f"`measure` must be 'gaussian' or 'lebesgue', got {measure!r}.")
         self.measure = measure
@@ -237,9 +277,15 @@ class LocalVolumeMonitor(CurvatureCallback):
         self.rel_tol = _positive_float("rel_tol", rel_tol)
         if self.rel_tol >= 0.5:
             raise ValueError(f"`rel_tol` must be < 0.5, got {rel_tol!r}.")
-        if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
-            raise ValueError(f"`optimizer_index` must be a non-negative integer, got {optimizer_index!r}.")
+        if optimizer_index is not None and (
+            isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0
+        ):
+            raise ValueError(f"`optimizer_index` must be None or a non-negative integer, got {optimizer_index!r}.")
         self.optimizer_index = optimizer_index
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+            raise ValueError(f"`confidence` must be in (0, 1), got {confidence!r}.")
+        self.confidence = float(confidence)
+        self._warned_low_ess = False
         self.init_prior: dict[str, float] | None = None
         self.last_estimate: VolumeEstimate | None = None
 
@@ -274,17 +320,24 @@ class LocalVolumeMonitor(CurvatureCallback):
         )
 
     @property
-    def effective_preconditioner_eps(self) -> float | None:
+    def effective_preconditioner_eps(self) -> float | str | None:
         """The ε passed to :func:`~lightning_hessian.local_volume` (``None``: the library default)."""
-        if self.preconditioner_eps is not None:
-            return self.preconditioner_eps
-        if self.preconditioner in _ADAM_KEYS and self.measure == "gaussian" and self.prior_std == "init":
-            return _INIT_PRIOR_ADAM_EPS
-        return None
+        return self.preconditioner_eps
 
     # ------------------------------------------------------------------ fit start: checks and snapshot
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._warned_low_ess = False
+        self._check_configuration(trainer, pl_module)
+
+    def _check_configuration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Everything that can be checked before the first training step (the dry run).
+
+        Snapshots the ``"init"`` prior; checks the prior mapping's names, that the Adam
+        preconditioners have an Adam-type optimizer owning every trainable parameter (a
+        parameter in no optimizer would never have state), and that ``data="val"`` has a
+        validation set to read.
+        """
         names = [name for name, p in pl_module.named_parameters() if p.requires_grad]
         if self.measure == "gaussian":
             if self.prior_std == "init" and self.init_prior is None:
@@ -303,65 +356,93 @@ class LocalVolumeMonitor(CurvatureCallback):
                         f"{' ...' if len(missing) > 5 else ''}; give one per name in pl_module.named_parameters()."
                     )
         if self.preconditioner in _ADAM_KEYS:
-            self._check_optimizer(trainer, pl_module)
+            self._check_optimizers(trainer, pl_module)
+        if self.data == "val" and (trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module)):
+            raise ValueError(
+                f"{type(self).__name__}(data='val') analyses the validation set, but this run has none "
+                "(no `validation_step`, or limit_val_batches=0). Add validation, or pass the held-out "
+                "data as `dataset=`/`dataloader=`."
+            )
 
-    def _optimizer(self, trainer: pl.Trainer) -> Any:
-        optimizers = trainer.optimizers
+    def _optimizers(self, trainer: pl.Trainer) -> list[Any]:
+        optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
+        if self.optimizer_index is None:
+            return optimizers
         if self.optimizer_index >= len(optimizers):
             raise ValueError(
                 f"`optimizer_index`={self.optimizer_index} but the trainer has {len(optimizers)} optimizer(s); "
-                f"preconditioner={self.preconditioner!r} reads that optimizer's state."
+                f"preconditioner={self.preconditioner!r} reads that optimizer's state (optimizer_index=None "
+                "reads all of them)."
             )
-        return _unwrap(optimizers[self.optimizer_index])
+        return [optimizers[self.optimizer_index]]
 
-    def _check_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Fail before training when the optimizer can never provide the buffer the preconditioner reads."""
+    def _check_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fail before training when the optimizers can never provide the buffer the preconditioner reads."""
         assert self.preconditioner is not None
         key = _ADAM_KEYS[self.preconditioner]
-        optimizer = self._optimizer(trainer)
-        cls = type(optimizer)
+        optimizers = self._optimizers(trainer)
         known = _HAS_EXP_AVG_SQ if key == "exp_avg_sq" else _HAS_EXP_AVG
         hint = (
             f"Use an Adam-type optimizer (Adam, AdamW, NAdam, RAdam), or pass "
             f"preconditioner=None (naive) or preconditioner='hessian_diag' to {type(self).__name__}."
         )
-        if cls.__module__.startswith("torch.optim") and cls.__name__ not in known:
+        adam_like = [
+            o for o in optimizers if not type(o).__module__.startswith("torch.optim") or type(o).__name__ in known
+        ]
+        if not adam_like:
+            classes = ", ".join(type(o).__name__ for o in optimizers) or "none"
             raise ValueError(
-                f"{type(self).__name__}(preconditioner={self.preconditioner!r}) reads the optimizer's "
-                f"`{key}` state, but optimizer {self.optimizer_index} is {cls.__name__}, which has none. {hint}"
+                f"{type(self).__name__}(preconditioner={self.preconditioner!r}) reads the optimizers' "
+                f"`{key}` state, but the trainer's optimizers ({classes}) have none (e.g. SGD). {hint}"
             )
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        states = [optimizer.state.get(p) for p in params] if hasattr(optimizer, "state") else []
-        started = [s for s in states if s]
-        if started and not any(key in s for s in started):
+        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        owners = param_groups([p for _, p in named], optimizers)
+        unowned = [name for (name, _), info in zip(named, owners) if info is None]
+        if unowned:
             raise ValueError(
-                f"{type(self).__name__}(preconditioner={self.preconditioner!r}) reads the optimizer's "
-                f"`{key}` state, but {cls.__name__}'s state has no such entry. {hint}"
-            )
-
-    def _optimizer_for_compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        if self.preconditioner not in _ADAM_KEYS:
-            return None
-        key = _ADAM_KEYS[self.preconditioner]
-        optimizer = self._optimizer(trainer)
-        names = [name for name, p in pl_module.named_parameters() if p.requires_grad]
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        state = getattr(optimizer, "state", {})
-        have = [bool(state.get(p)) and key in state.get(p) for p in params]
-        if not any(have) and any(state.get(p) for p in params):
-            # A third-party optimizer that took steps without this buffer: a configuration error.
-            raise ValueError(
-                f"{type(self).__name__}(preconditioner={self.preconditioner!r}): "
-                f"{type(optimizer).__name__} keeps no `{key}`; use an Adam-type optimizer or "
+                f"{type(self).__name__}(preconditioner={self.preconditioner!r}): trainable parameter(s) "
+                f"{unowned[:5]}{' ...' if len(unowned) > 5 else ''} belong to no optimizer"
+                f"{'' if self.optimizer_index is None else f' {self.optimizer_index}'}, so they will never have "
+                "Adam state. Freeze them (requires_grad=False), add them to an optimizer, or use "
                 "preconditioner=None / 'hessian_diag'."
             )
-        if not all(have):
-            missing = [name for name, ok in zip(names, have) if not ok]
-            raise VolumeComputationError(
-                f"the optimizer has no `{key}` yet for {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                "(no optimizer step has updated them: no steps this run, or parameters without gradients)"
+        others = sorted(
+            {type(info.optimizer).__name__ for info in owners if info is not None and type(info.optimizer).__name__ not in ADAM_LIKE and "betas" not in info.group}
+        )
+        if others:
+            rank_zero_warn(
+                f"{type(self).__name__}(preconditioner={self.preconditioner!r}): some parameters are optimized by "
+                f"{', '.join(others)} (no `{key}`); they get the median scale of the Adam-preconditioned ones."
             )
-        return optimizer
+        for optimizer in adam_like:
+            states = [optimizer.state.get(p) for _, p in named] if hasattr(optimizer, "state") else []
+            started = [st for st in states if st]
+            if started and not any(key in st for st in started):
+                raise ValueError(
+                    f"{type(self).__name__}(preconditioner={self.preconditioner!r}) reads the optimizer's "
+                    f"`{key}` state, but {type(optimizer).__name__}'s state has no such entry. {hint}"
+                )
+
+    def _optimizer_for_compute(self, trainer: pl.Trainer) -> list[Any] | None:
+        if self.preconditioner not in _ADAM_KEYS:
+            return None
+        return self._optimizers(trainer)
+
+    # ------------------------------------------------------------------ data
+
+    def _analysis_data(self, trainer: pl.Trainer) -> DataLoader | list[Any]:
+        if self.data != "val":
+            return super()._analysis_data(trainer)
+        loaders = trainer.val_dataloaders
+        if loaders is None:  # validation has not run yet in this fit: set its loader up as Lightning does
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            loaders = trainer.val_dataloaders
+        template = _plain_dataloader(loaders)
+        if template is None and isinstance(loaders, (list, tuple)) and loaders and isinstance(loaders[0], DataLoader):
+            template = loaders[0]  # several validation loaders: the first one
+        if template is None:
+            raise VolumeComputationError("data='val': the trainer has no validation DataLoader to analyse.")
+        return self.analysis.loader(template.dataset, template, trainer.global_rank, trainer.world_size)
 
     # ------------------------------------------------------------------ computation
 
@@ -408,16 +489,20 @@ class LocalVolumeMonitor(CurvatureCallback):
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], VolumeEstimate]:
         start = self._timer()
-        optimizer = self._optimizer_for_compute(trainer, pl_module)
+        optimizers = self._optimizer_for_compute(trainer)
         data = self._analysis_data(trainer)
-        est = local_volume(
-            pl_module,
-            data,
-            optimizer=optimizer,
-            all_reduce=self._all_reduce(trainer),
-            **self._volume_kwargs(),
-        )
-        values = est.metrics()
+        try:
+            est = local_volume(
+                pl_module,
+                data,
+                optimizer=optimizers,
+                all_reduce=self._all_reduce(trainer),
+                **self._volume_kwargs(),
+            )
+        except MissingOptimizerStateError as err:
+            # Known at an evaluation only (Adam's state is lazy): a warning and NaN, not a crash.
+            raise VolumeComputationError(str(err)) from None
+        values = est.metrics(self.confidence)
         values["seconds"] = self._timer() - start
         return values, est
 
@@ -436,7 +521,20 @@ class LocalVolumeMonitor(CurvatureCallback):
         self.history.append({"epoch": float(epoch), **values})
         self._log_scalars(trainer, pl_module, values)
         if est is not None:
+            self._warn_low_ess(est, epoch)
             self._log_radii(trainer, est)
+
+    def _warn_low_ess(self, est: VolumeEstimate, epoch: int) -> None:
+        if self._warned_low_ess or not est.effective_sample_size < _LOW_ESS:
+            return
+        self._warned_low_ess = True
+        rank_zero_warn(
+            f"{type(self).__name__}: at epoch {epoch} the effective sample size of the {est.num_directions} "
+            f"directions is {est.effective_sample_size:.2f} (the top direction carries "
+            f"{100 * est.top_weight_share:.0f}% of the estimate): log_volume is dominated by one direction and "
+            "may move by many nats with other directions. Quote volume/log_volume_lower_bound, or raise "
+            "num_directions / use a better preconditioner. (Warned once per fit.)"
+        )
 
     def _log_radii(self, trainer: pl.Trainer, est: VolumeEstimate) -> None:
         experiments = self._tensorboard_experiments(trainer)
