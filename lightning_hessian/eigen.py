@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,16 +18,19 @@ __all__ = ["EigenResult", "top_eigenvalues"]
 
 @dataclass
 class EigenResult:
-    """Extreme eigenpairs of a symmetric operator.
+    r"""Extreme eigenpairs of a symmetric operator.
 
     Attributes:
         values: ``[k]`` float64 eigenvalue estimates, most extreme first (descending for
-            ``which="largest"``, ascending for ``which="smallest"``).
+            ``which="largest"``, ascending for ``which="smallest"``). Fewer than ``k`` (then
+            ``converged`` is False) only when the Krylov spaces were exhausted first.
         vectors: ``[num_params, k]`` float64 unit eigenvector estimates (``None`` if not asked).
-        residuals: ``[k]`` residual norms ``||H v - lambda v||`` (for Lanczos, the exact
-            Ritz residual ``beta_m |u_{m,i}|``, which needs no extra HVP).
-        num_hvps: HVPs spent.
-        converged: Whether every requested value met ``tol``.
+        residuals: ``[k]`` true residual norms :math:`\|H y_i - \theta_i y_i\|`, measured with
+            one extra batched product of the returned vectors (Lanczos) or taken from the last
+            iteration's product (power); both include the products' own rounding error.
+        num_hvps: HVPs spent (the residual product included).
+        converged: Whether every requested value met ``tol`` and the search found no further
+            eigenvalue among the ``k`` most extreme (see :func:`top_eigenvalues`).
         method: ``"lanczos"`` or ``"power"``.
     """
 
@@ -38,25 +42,162 @@ class EigenResult:
     method: str
 
 
-def _lanczos_converged(
-    theta: Tensor, resid: Tensor, wanted: Tensor, tol: float
-) -> bool:
-    """Error bound per wanted Ritz value: min(r, r^2 / gap) <= tol * |theta|."""
-    for i in wanted.tolist():
-        others = torch.cat([theta[:i], theta[i + 1 :]])
-        gap = (others - theta[i]).abs().min() if others.numel() else torch.tensor(float("inf"))
-        r = resid[i]
-        bound = torch.minimum(r, r * r / gap) if gap > 0 else r
-        if bound > tol * theta[i].abs().clamp_min(torch.finfo(torch.float64).tiny):
+#: Rounding error of a network's HVP in units of ``eps_dtype * ||H||``: the float32 digits MLP's
+#: products differ from its exact float64 Hessian by up to 8 of them (forward and backward
+#: rounding both count), so reported residuals are floored at this many.
+ROUNDING_FACTOR = 10.0
+
+
+def _rounding_floor(op: CurvatureOperator, scale: float) -> float:
+    """Residual floor of products in the operator's dtype: ``eps_dtype * ||H||``."""
+    dtype = getattr(op, "dtype", torch.float64)
+    return float(torch.finfo(dtype).eps) * scale
+
+
+def _error_bounds(theta: Tensor, resid: Tensor, target: Tensor) -> Tensor:
+    r"""A-posteriori error bound of every Ritz value that cannot pass on an unresolved pair.
+
+    :math:`r_i` always bounds the distance of :math:`\theta_i` to *some* eigenvalue. The sharper
+    :math:`r_i^2/\mathrm{gap}_i` (Kato–Temple) needs the gap to the rest of the spectrum; it is
+    used only when the nearest other Ritz value :math:`\theta_j` has itself converged
+    (:math:`r_j \le \mathrm{tol}\,|\theta_j|`), with :math:`\mathrm{gap}_i = |\theta_i -
+    \theta_j| - r_j`. While a close pair is unresolved its second member has no converged Ritz
+    value, so only the residual counts.
+    """
+    bounds = resid.clone()
+    if theta.numel() < 2:
+        return bounds
+    converged = resid <= target
+    dist = (theta[:, None] - theta[None, :]).abs()
+    dist.fill_diagonal_(float("inf"))
+    nearest = dist.argmin(dim=1)
+    gap = dist.min(dim=1).values - resid[nearest]
+    usable = converged[nearest] & (gap > 0)
+    kato = resid * resid / gap.clamp_min(torch.finfo(torch.float64).tiny)
+    bounds[usable] = torch.minimum(resid[usable], kato[usable])
+    return bounds
+
+
+def _order(values: Tensor, which: str) -> Tensor:
+    return torch.argsort(values, descending=(which == "largest"))
+
+
+def _far_shift(values: Tensor, which: str) -> float:
+    """A value beyond the found ones on the side away from the wanted end."""
+    scale = float(values.abs().max()) if values.numel() else 1.0
+    scale = scale if scale > 0 else 1.0
+    return float(values.min()) - 2 * scale if which == "largest" else float(values.max()) + 2 * scale
+
+
+class _ComplementOperator:
+    r""":math:`P H P + \sigma YY^\top` with :math:`P = I - YY^\top`: ``H`` on the complement of found vectors.
+
+    The found directions get the value :math:`\sigma`, placed beyond the values still wanted
+    (below them for ``which="largest"``), so that rounding-level components along them cannot
+    surface as spurious extreme Ritz values.
+    """
+
+    def __init__(self, op: CurvatureOperator, vectors: Tensor, shift: float) -> None:
+        self.op = op
+        self.vectors = vectors  # [n, p] float64 orthonormal, on op.device
+        self.shift = shift
+
+    @property
+    def num_params(self) -> int:
+        return self.op.num_params
+
+    @property
+    def device(self) -> torch.device:
+        return self.op.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self.op, "dtype", torch.float64)
+
+    @property
+    def num_hvps(self) -> int:
+        return self.op.num_hvps
+
+    def project(self, matrix: Tensor) -> Tensor:
+        y = self.vectors.to(matrix.dtype)
+        return matrix - y @ (y.t() @ matrix)
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        y = self.vectors.to(matrix.dtype)
+        return self.project(self.op.matmat(self.project(matrix))) + self.shift * (y @ (y.t() @ matrix))
+
+
+def _measured_residuals(op: CurvatureOperator, values: Tensor, vectors: Tensor) -> tuple[Tensor, int]:
+    r"""True residuals :math:`\|Hy_i - \theta_i y_i\|` from one batched product, with its rounding.
+
+    In a reduced-precision operator (float32 products) the product's own rounding error is of the
+    size of converged residuals, and it differs from the error against the exact Hessian. The
+    block then also holds :math:`3y_i` (a non-power-of-two scaling rounds differently):
+    :math:`e_i = \|H(3y_i)/3 - Hy_i\|` measures the rounding, and the reported residual is
+    :math:`\sqrt{r_i^2 + e_i^2}`, floored at :data:`ROUNDING_FACTOR` :math:`\epsilon_{dtype}\|H\|`
+    (the products' deviation from the exact Hessian also has a systematic part, from the forward
+    pass, that no product of the same operator can see).
+    """
+    dtype = getattr(op, "dtype", torch.float64)
+    k = vectors.shape[1]
+    if k == 0:
+        return torch.zeros(0, dtype=torch.float64), 0
+    block = vectors if dtype == torch.float64 else torch.cat([vectors, 3.0 * vectors], dim=1)
+    product = op.matmat(block.to(dtype)).to(torch.float64)
+    resid = (product[:, :k] - vectors * values.to(vectors.device)).norm(dim=0)
+    if dtype != torch.float64:
+        resid = torch.hypot(resid, (product[:, k:] / 3.0 - product[:, :k]).norm(dim=0))
+    floor = ROUNDING_FACTOR * _rounding_floor(op, float(values.abs().max()))
+    return resid.cpu().clamp_min(floor), block.shape[1]
+
+
+def _lanczos_run(
+    op: CurvatureOperator,
+    start: Tensor,
+    wanted: int,
+    which: str,
+    tol: float,
+    max_iter: int,
+    basis_dtype: torch.dtype,
+    basis_device: torch.device | str | None,
+    dim: int,
+) -> tuple[Tensor, Tensor, Tensor, bool, int]:
+    """One single-vector Lanczos run: its ``wanted`` most extreme Ritz pairs and whether they converged.
+
+    ``dim`` is the dimension of the space the run lives in (Krylov space exhausted at ``dim`` steps).
+    """
+    min_steps = min(dim, max(wanted + 2, 3))
+
+    def bounds(partial: LanczosResult) -> tuple[Tensor, Tensor, Tensor]:
+        theta, u = partial.ritz(0)
+        resid = partial.residual_norms[0] * u[-1, :].abs()
+        floor = _rounding_floor(op, float(theta.abs().max()))
+        return theta, u, _error_bounds(theta, resid.clamp_min(floor), target(theta))
+
+    def target(theta: Tensor) -> Tensor:
+        # a tolerance below the products' rounding level is raised to it
+        return torch.clamp_min(tol * theta.abs(), _rounding_floor(op, float(theta.abs().max())))
+
+    def done(theta: Tensor, bound: Tensor) -> bool:
+        pick = _order(theta, which)[:wanted]
+        return bool((bound[pick] <= target(theta)[pick]).all())
+
+    def should_stop(step: int, partial: LanczosResult) -> bool:
+        if len(partial.alphas[0]) < min_steps:
             return False
-    return True
+        theta, _, bound = bounds(partial)
+        return done(theta, bound)
 
-
-def _wanted(num: int, k: int, which: str) -> Tensor:
-    # eigh returns ascending values
-    if which == "largest":
-        return torch.arange(num - 1, num - 1 - min(k, num), -1)
-    return torch.arange(0, min(k, num))
+    result = lanczos(op, start, max_iter, basis_dtype=basis_dtype, basis_device=basis_device, should_stop=should_stop)
+    theta, u, bound = bounds(result)
+    pick = _order(theta, which)[:wanted]
+    ok = bound[pick] <= target(theta)[pick]
+    exhausted = bool(result.breakdown[0]) or result.steps[0] >= dim
+    ok = ok | torch.tensor(exhausted)  # invariant Krylov space: its Ritz pairs are exact
+    basis = result.basis[0, : theta.numel()]
+    coeffs = u[:, pick].to(device=basis.device, dtype=basis.dtype)
+    vectors = (basis.t() @ coeffs).to(device=op.device, dtype=torch.float64)
+    return theta[pick], vectors, ok, exhausted, result.num_hvps
 
 
 def _top_lanczos(
@@ -70,45 +211,65 @@ def _top_lanczos(
     basis_dtype: torch.dtype,
     basis_device: torch.device | str | None,
 ) -> EigenResult:
+    """Lanczos, then restarts in the complement of the converged vectors until nothing new enters the top ``k``.
+
+    A single-vector Krylov space holds one vector per eigenspace, so an eigenvalue of multiplicity
+    ``d`` appears once. Each restart draws a fresh random start, projects it and every product off
+    the converged vectors found so far (:class:`_ComplementOperator`) and converges the extreme
+    Ritz values of the complement; they join the found set when they rank among the ``k`` most
+    extreme. The search ends, verified, when a restart's converged extreme value ranks below the
+    ``k``-th found one; ``converged=False`` when a run ran out of steps first.
+    """
     n = op.num_params
-    start = torch.randn((n, 1), generator=generator, dtype=torch.float64)
-    min_steps = min(n, max(k + 2, 3))
-
-    def should_stop(step: int, partial: LanczosResult) -> bool:
-        m = len(partial.alphas[0])
-        if m < min_steps:
-            return False
-        theta, u = partial.ritz(0)
-        resid = partial.residual_norms[0] * u[-1, :].abs()
-        return _lanczos_converged(theta, resid, _wanted(m, k, which), tol)
-
-    result = lanczos(
-        op,
-        start,
-        max_iter,
-        store_basis=True,
-        basis_dtype=basis_dtype,
-        basis_device=basis_device,
-        should_stop=should_stop,
-    )
-    theta, u = result.ritz(0)
-    m = theta.numel()
-    resid = result.residual_norms[0] * u[-1, :].abs()
-    wanted = _wanted(m, k, which)
-    converged = _lanczos_converged(theta, resid, wanted, tol) or len(result.alphas[0]) >= n
-    vectors = None
-    if return_vectors and result.basis is not None:
-        coeffs = u[:, wanted].to(device=result.basis.device, dtype=result.basis.dtype)
-        vectors = (result.basis[0, :m].t() @ coeffs).to(
-            device=op.device, dtype=torch.float64
+    values = torch.zeros(0, dtype=torch.float64)
+    vectors = torch.zeros((n, 0), dtype=torch.float64, device=op.device)
+    hvps = 0
+    verified = False
+    for _attempt in range(2 * k + 2):
+        found = vectors.shape[1]
+        if found >= n:
+            verified = True
+            break
+        sub_op = op if found == 0 else _ComplementOperator(op, vectors, _far_shift(values, which))
+        start = torch.randn((n, 1), generator=generator, dtype=torch.float64).to(op.device)
+        if found:
+            start = sub_op.project(start)
+        wanted = max(1, min(k - min(found, k), n - found))
+        theta, vecs, ok, _, used = _lanczos_run(
+            sub_op, start, wanted, which, tol, min(max_iter, n - found), basis_dtype, basis_device, n - found
         )
-        vectors = vectors / vectors.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+        hvps += used
+        if found:  # drop Ritz pairs that live in the found space (the shifted directions)
+            keep = (vectors.t() @ vecs).norm(dim=0) < 0.5
+            theta, vecs, ok = theta[keep.cpu()], vecs[:, keep], ok[keep.cpu()]
+            if theta.numel() == 0:
+                verified = found >= k
+                break
+        if not bool(ok.all()):
+            # keep what converged, report the rest unconverged
+            values = torch.cat([values, theta])
+            vectors = torch.cat([vectors, vecs], dim=1)
+            break
+        if found >= k:
+            kth = float(values[_order(values, which)[k - 1]])
+            slack = tol * abs(kth)
+            beyond = float(theta[0]) <= kth + slack if which == "largest" else float(theta[0]) >= kth - slack
+            if beyond:
+                verified = True
+                break
+        values = torch.cat([values, theta])
+        # re-orthonormalise the union (the new vectors are orthogonal to the old up to rounding)
+        vectors, _ = torch.linalg.qr(torch.cat([vectors, vecs], dim=1))
+    order = _order(values, which)[:k]
+    out_values, out_vectors = values[order], vectors[:, order.to(vectors.device)]
+    residuals, used = _measured_residuals(op, out_values, out_vectors)
+    hvps += used
     return EigenResult(
-        values=theta[wanted].clone(),
-        vectors=vectors,
-        residuals=resid[wanted].clone(),
-        num_hvps=result.num_hvps,
-        converged=bool(converged),
+        values=out_values.clone(),
+        vectors=out_vectors if return_vectors else None,
+        residuals=residuals,
+        num_hvps=hvps,
+        converged=bool(verified and out_values.numel() == k),
         method="lanczos",
     )
 
@@ -131,13 +292,17 @@ def _top_power(
     converged_all = True
     shift = 0.0
 
-    def apply(v: Tensor) -> Tensor:
+    def step(v: Tensor) -> tuple[Tensor, Tensor]:
+        """``(H v, (H - shift I) v`` deflated of the found pairs``)``."""
         nonlocal hvps
-        w = op.matmat(v.unsqueeze(1)).squeeze(1).to(torch.float64) - shift * v
+        hv = op.matmat(v.unsqueeze(1)).squeeze(1).to(torch.float64)
         hvps += 1
+        w = hv - shift * v
         for lam, vec in zip(values, vectors):
             w = w - (lam - shift) * vec * torch.dot(vec, v)
-        return w
+        for vec in vectors:  # P (H - shift I - deflation) P: the found pairs' own errors drop out
+            w = w - vec * torch.dot(vec, w)
+        return hv, w
 
     def iterate() -> tuple[float, Tensor, float, bool]:
         v = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
@@ -148,15 +313,19 @@ def _top_power(
         lam = 0.0
         resid = float("inf")
         for _ in range(max_iter):
-            w = apply(v)
-            lam = float(torch.dot(v, w))  # Rayleigh quotient of the shifted, deflated operator
-            resid = float((w - lam * v).norm())
-            if lam_prev is not None and abs(lam - lam_prev) <= tol * abs(lam):
+            hv, w = step(v)
+            lam = float(torch.dot(v, w)) + shift  # Rayleigh quotient, unshifted
+            resid = float((hv - lam * v).norm())  # reported: the residual against H itself
+            # tested: the residual of the deflated operator (earlier pairs' errors excluded)
+            deflated_resid = float((w - (lam - shift) * v).norm())
+            small_change = lam_prev is not None and abs(lam - lam_prev) <= tol * abs(lam)
+            floor = ROUNDING_FACTOR * _rounding_floor(op, max(abs(lam), abs(shift)))
+            if small_change and deflated_resid <= max(tol * abs(lam), floor):
                 return lam, v, resid, True
             lam_prev = lam
             norm = w.norm()
             if norm == 0:
-                return lam, v, resid, True
+                return lam, v, resid, resid == 0.0
             v = w / norm
         return lam, v, resid, False
 
@@ -170,7 +339,7 @@ def _top_power(
     for _ in range(k):
         lam, v, resid, ok = iterate()
         converged_all &= ok
-        values.append(lam + shift)
+        values.append(lam)
         vectors.append(v)
         residuals.append(resid)
     vals = torch.tensor(values, dtype=torch.float64)
@@ -201,19 +370,35 @@ def top_eigenvalues(
 ) -> EigenResult:
     r"""The ``k`` largest (or smallest) eigenvalues of the Hessian operator.
 
-    **Lanczos** (default, METHODS.md §2): a Krylov basis with full reorthogonalisation in
-    float64; Ritz values :math:`\theta_i` of the tridiagonal :math:`T_m` converge to the extreme
-    algebraic eigenvalues. Stops once every wanted Ritz value satisfies the a-posteriori bound
-    :math:`\min(r_i, r_i^2/\mathrm{gap}_i) \le \mathrm{tol}\,|\theta_i|`, with the Ritz residual
-    :math:`r_i = \beta_m |u_{m,i}| = \|Hy_i - \theta_i y_i\|` and :math:`\mathrm{gap}_i` the
-    distance to the nearest other Ritz value. Default ``tol = 1e-6``.
+    **Lanczos** (default, METHODS.md §2): a Krylov basis with full reorthogonalisation; Ritz
+    values :math:`\theta_i` of the tridiagonal :math:`T_m` converge to the extreme algebraic
+    eigenvalues. A run stops once every wanted Ritz value has an error bound
+    :math:`b_i \le \mathrm{tol}\,|\theta_i|` (default ``tol = 1e-6``; a tolerance below the
+    products' rounding level :math:`\epsilon_{dtype}\|H\|` is raised to it), where
+    :math:`b_i = r_i` (the Ritz residual :math:`\beta_m|u_{m,i}|`, floored at the rounding level),
+    or :math:`r_i^2/\mathrm{gap}_i` only once the nearest other Ritz value has converged itself:
+    an unresolved close pair (one Ritz value for two eigenvalues) cannot pass. A single Krylov
+    space sees one vector per eigenspace, so the search then **restarts** from a fresh random
+    vector in the orthogonal complement of the converged vectors (the operator
+    :math:`PHP + \sigma YY^\top`) and adds every converged value that ranks among the ``k`` most
+    extreme; it ends when a restart's converged extreme value ranks below the ``k``-th. Repeated
+    eigenvalues thus come out with their multiplicity, and a breakdown (invariant Krylov space)
+    continues in the complement. ``converged=True`` requires ``k`` converged values and that
+    final check; costs: typically two to three runs plus the residual product.
+    ``residuals`` are measured: one batched product of the returned vectors
+    (:math:`\|Hy_i-\theta_iy_i\|`, with float32 products also their rounding, floored at
+    ``ROUNDING_FACTOR`` :math:`\epsilon_{dtype}\|H\|`).
 
     **Power iteration** (``method="power"``, the paper's algorithm,
     ``hessian-dynamics-trace-maxeig.txt`` §2.2, §7.4): :math:`v \leftarrow Hv/\|Hv\|`,
-    :math:`\lambda = v^\top H v`, stopped when the relative change of :math:`\lambda` is below
-    ``tol`` (default ``1e-3`` as in the paper's code); ``k > 1`` by deflation. It converges at
-    rate :math:`|\lambda_2/\lambda_1|` to the eigenvalue of largest *magnitude*, which is
-    negative when negative curvature dominates; ``which="smallest"`` shifts by that eigenvalue.
+    :math:`\lambda = v^\top H v`; ``k > 1`` by deflation, ``which="smallest"`` on
+    :math:`H - \lambda_d I` (shifted by the magnitude-dominant eigenvalue when it is positive).
+    It stops when the relative change of the *unshifted* :math:`\lambda` is at most ``tol``
+    (default ``1e-3`` as in the paper's code) **and** the residual of the (deflated) operator is
+    at most :math:`\mathrm{tol}\,|\lambda|`, so :math:`\lambda` is within
+    :math:`\mathrm{tol}\,|\lambda|` of an eigenvalue; reported residuals are against ``H``
+    itself. It converges at rate :math:`|\lambda_2/\lambda_1|` to the eigenvalue of largest
+    *magnitude*, which is negative when negative curvature dominates.
 
     Args:
         op: A :class:`~lightning_hessian.HessianOperator` (or any curvature operator).
@@ -221,7 +406,7 @@ def top_eigenvalues(
         which: ``"largest"`` (algebraic) or ``"smallest"``.
         method: ``"lanczos"`` or ``"power"``.
         tol: Relative tolerance (see above).
-        max_iter: Maximum Lanczos steps (or power iterations per eigenvalue).
+        max_iter: Maximum steps of each Lanczos run (or power iterations per eigenvalue).
         seed: Seed or ``torch.Generator`` of the start vector (the global RNG is never used).
         return_vectors: Also return the eigenvectors.
         basis_dtype: Storage dtype of the Lanczos basis (memory at scale; scalars stay float64).

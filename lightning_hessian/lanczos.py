@@ -1,4 +1,4 @@
-"""Batched Lanczos with full reorthogonalisation (float64 recurrences).
+"""Batched Lanczos with full reorthogonalisation (float64 recurrence scalars, lean working memory).
 
 Several independent Lanczos runs advance together: every step is one ``matmat`` over the active
 runs' current vectors, so a vmapped HVP serves all runs at once (METHODS.md §0, §3).
@@ -6,8 +6,9 @@ runs' current vectors, so a vmapped HVP serves all runs at once (METHODS.md §0,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,6 +33,8 @@ class LanczosResult:
         basis: ``[R, m, n]`` Lanczos vectors if stored, else ``None`` (run ``r`` uses
             ``basis[r, :m_r]``).
         num_hvps: HVPs spent.
+        breakdown: Per run, whether it stopped on an invariant Krylov space (``beta`` at
+            rounding level): its Ritz values are then exact eigenvalues of the operator.
     """
 
     alphas: list[Tensor]
@@ -39,6 +42,7 @@ class LanczosResult:
     residual_norms: Tensor
     basis: Tensor | None
     num_hvps: int
+    breakdown: list[bool] = field(default_factory=list)
 
     @property
     def num_runs(self) -> int:
@@ -63,22 +67,46 @@ class LanczosResult:
 #: this fraction of the vector's norm ("twice is enough").
 _DGKS_ETA = 0.7071067811865476
 
+#: Elements per slice of a float64 dot product / per streamed slab of the basis: bounds the
+#: temporaries of the lean recurrence (a few MiB) independently of the model's size.
+CHUNK_ELEMENTS = 1 << 20
 
-def _orthogonalise(w: Tensor, basis: Tensor, steps: int, active: Tensor, all_active: bool) -> Tensor:
-    """Remove from ``w[:, r]`` its components along ``basis[r, :steps]`` (once or twice: DGKS)."""
-    if steps == 0:
-        return w
-    q = basis[:, :steps] if all_active else basis[active, :steps]  # [a, j, n]
-    wb = w.t().unsqueeze(2).to(device=q.device, dtype=q.dtype)  # [a, n, 1]
-    before = wb.norm(dim=1)
+
+def _dot64(a: Tensor, b: Tensor) -> float:
+    """``a . b`` of two 1-D tensors accumulated in float64, over slices (no full-size copies)."""
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for lo in range(0, a.numel(), CHUNK_ELEMENTS):
+        hi = min(lo + CHUNK_ELEMENTS, a.numel())
+        total += torch.dot(a[lo:hi].to(torch.float64), b[lo:hi].to(torch.float64))
+    return float(total)
+
+
+def _reorthogonalise(w: Tensor, basis_rows: Tensor) -> None:
+    """Remove from ``w`` (1-D, in place) its components along the rows of ``basis_rows``.
+
+    Streams the basis in slabs of about :data:`CHUNK_ELEMENTS` numbers (moved to ``w``'s device
+    if the basis lives elsewhere); one pass, classical Gram–Schmidt per slab.
+    """
+    steps, n = basis_rows.shape
+    rows_per_slab = max(1, CHUNK_ELEMENTS // max(n, 1))
+    for lo in range(0, steps, rows_per_slab):
+        slab = basis_rows[lo : lo + rows_per_slab]
+        if slab.device != w.device:
+            slab = slab.to(w.device, non_blocking=True)
+        coeffs = torch.mv(slab, w.to(slab.dtype)) if w.dtype != slab.dtype else torch.mv(slab, w)
+        w.sub_((slab.t() @ coeffs).to(w.dtype))
+
+
+def _full_reorthogonalise(w: Tensor, basis_rows: Tensor) -> float:
+    """Reorthogonalise ``w`` once, or twice where DGKS asks for it; returns its new norm (float64)."""
+    before = math.sqrt(max(_dot64(w, w), 0.0))
     for _ in range(2):
-        coeffs = torch.bmm(q, wb)  # [a, j, 1]
-        wb = wb - torch.bmm(q.transpose(1, 2), coeffs)
-        # DGKS criterion: a second pass only where the first cancelled much of the vector.
-        if bool((wb.norm(dim=1) >= _DGKS_ETA * before).all()):
-            break
-        before = wb.norm(dim=1)
-    return wb.squeeze(2).t().to(device=w.device, dtype=w.dtype)
+        _reorthogonalise(w, basis_rows)
+        after = math.sqrt(max(_dot64(w, w), 0.0))
+        if after >= _DGKS_ETA * before:
+            return after
+        before = after
+    return after
 
 
 def lanczos(
@@ -95,16 +123,30 @@ def lanczos(
 
     For each run: :math:`q_1 = v/\|v\|`, then
     :math:`w = H q_j - \alpha_j q_j - \beta_{j-1} q_{j-1}` with :math:`\alpha_j = q_j^\top H q_j`,
-    fully reorthogonalised against all stored :math:`q` (twice, in ``basis_dtype``),
-    :math:`\beta_j = \|w\|`, :math:`q_{j+1} = w/\beta_j`. Recurrence scalars are float64.
+    fully reorthogonalised against all stored :math:`q` (once, twice where the
+    Daniel–Gragg–Kaufman–Stewart test asks), :math:`\beta_j = \|w\|`,
+    :math:`q_{j+1} = w/\beta_j`.
+
+    **Memory** (issue 11): the Lanczos vectors live in ``basis_dtype`` and, with a stored basis on
+    the operator's device, :math:`q_j` and :math:`q_{j-1}` *are* rows of the basis (no copies);
+    the only full-size working array is the product :math:`w` (``num_params x R`` in
+    ``basis_dtype``). :math:`\alpha_j`, :math:`\beta_j` and norms are accumulated in float64 over
+    slices; reorthogonalisation streams the basis in slabs of :data:`CHUNK_ELEMENTS` numbers (from
+    host memory with ``basis_device="cpu"``), with coefficients in ``basis_dtype`` (they only
+    remove rounding-level components). Without a stored basis (``store_basis=False``) only local
+    (three-term) orthogonality is kept: extreme Ritz values still converge, but once one has
+    converged orthogonality is lost and it reappears as a spurious copy ("ghost"); quadrature
+    weights then split between the copies, so densities stay usable while multiplicities and
+    trace deflation do not.
 
     Args:
         op: The symmetric operator.
         starts: ``[n, R]`` start vectors (any scale).
         num_steps: Maximum steps ``m`` (HVPs per run); capped at ``n``.
-        store_basis: Keep the Lanczos vectors (needed for reorthogonalisation and Ritz vectors).
-            Without it only local (three-term) orthogonality is kept.
-        basis_dtype: Dtype of the stored basis (float32 halves its memory; scalars stay float64).
+        store_basis: Keep the Lanczos vectors (needed for full reorthogonalisation and Ritz
+            vectors).
+        basis_dtype: Dtype of the Lanczos vectors and of the product ``w`` (float32 halves the
+            memory; the recurrence scalars stay float64).
         basis_device: Where the stored basis lives (e.g. ``"cpu"`` to spare GPU memory).
         should_stop: Called after every step with ``(step, partial_result)``; True ends all runs.
     """
@@ -118,21 +160,26 @@ def lanczos(
     num_steps = int(min(num_steps, n))
     device = op.device
     basis_device = torch.device(basis_device) if basis_device is not None else device
-    q = starts.to(device=device, dtype=torch.float64)
-    norms = q.norm(dim=0)
+    norms = starts.to(torch.float64).norm(dim=0)
     if not torch.all(norms > 0):
         raise ValueError("Lanczos start vectors must be non-zero.")
-    q = q / norms
-    basis = (
-        torch.zeros((num_runs, num_steps, n), dtype=basis_dtype, device=basis_device) if store_basis else None
-    )
+    first = (starts.to(device=device, dtype=torch.float64) / norms.to(device)).t().to(basis_dtype)  # [R, n]
+    basis = None
+    if store_basis:
+        basis = torch.zeros((num_runs, num_steps, n), dtype=basis_dtype, device=basis_device)
+        basis[:, 0].copy_(first)
+    # Working q / q_prev only when the basis cannot serve them (absent, or on another device).
+    own_vectors = basis is None or basis.device != torch.device(device)
+    q_work = first if own_vectors else None
+    q_prev_work = torch.zeros_like(first) if own_vectors else None
+    del first
     alphas: list[list[float]] = [[] for _ in range(num_runs)]
     betas: list[list[float]] = [[] for _ in range(num_runs)]
     residual = torch.zeros(num_runs, dtype=torch.float64)
-    scale = torch.zeros(num_runs, dtype=torch.float64)
-    active = torch.ones(num_runs, dtype=torch.bool)
-    q_prev = torch.zeros_like(q)
-    beta_prev = torch.zeros(num_runs, dtype=torch.float64, device=device)
+    scale = [0.0] * num_runs
+    active = [True] * num_runs
+    breakdown = [False] * num_runs
+    beta_prev = [0.0] * num_runs
     hvps = 0
 
     def snapshot() -> LanczosResult:
@@ -142,34 +189,53 @@ def lanczos(
             residual_norms=residual.clone(),
             basis=basis,
             num_hvps=hvps,
+            breakdown=list(breakdown),
         )
 
+    def current(run: int, step: int) -> tuple[Tensor, Tensor | None]:
+        if own_vectors:
+            return q_work[run], (q_prev_work[run] if step > 0 else None)
+        return basis[run, step], (basis[run, step - 1] if step > 0 else None)
+
     for step in range(num_steps):
-        idx = torch.nonzero(active).flatten()
-        if idx.numel() == 0:
+        idx = [r for r in range(num_runs) if active[r]]
+        if not idx:
             break
-        idx_dev = idx.to(device)
-        if basis is not None:
-            basis[idx.to(basis_device), step] = q[:, idx_dev].t().to(dtype=basis_dtype, device=basis_device)
-        w = op.matmat(q[:, idx_dev]).to(torch.float64)
-        hvps += idx.numel()
-        alpha = (q[:, idx_dev] * w).sum(dim=0)
-        w = w - alpha * q[:, idx_dev] - beta_prev[idx_dev] * q_prev[:, idx_dev]
-        if basis is not None:
-            w = _orthogonalise(w, basis, step + 1, idx.to(basis_device), bool(active.all()))
-        beta = w.norm(dim=0)
-        alpha_cpu, beta_cpu = alpha.cpu(), beta.cpu()
-        for slot, run in enumerate(idx.tolist()):
-            alphas[run].append(float(alpha_cpu[slot]))
-            betas[run].append(float(beta_cpu[slot]))
-            residual[run] = beta_cpu[slot]
-            scale[run] = max(float(scale[run]), abs(float(alpha_cpu[slot])), float(beta_cpu[slot]))
-            if float(beta_cpu[slot]) <= BREAKDOWN_RTOL * float(scale[run]):
+        if len(idx) == num_runs:
+            block = q_work if own_vectors else basis[:, step]
+        else:
+            block = q_work[idx] if own_vectors else basis[idx, step]
+        w = op.matmat(block.t().to(device)).to(basis_dtype)  # [n, a]: the one full-size working array
+        del block
+        hvps += len(idx)
+        for slot, run in enumerate(idx):
+            w_r = w[:, slot]
+            q_r, q_prev_r = current(run, step)
+            q_r_dev = q_r.to(device)
+            alpha = _dot64(q_r_dev, w_r)
+            w_r.sub_(q_r_dev, alpha=alpha)
+            if q_prev_r is not None:
+                w_r.sub_(q_prev_r.to(device), alpha=beta_prev[run])
+            if basis is not None:
+                beta = _full_reorthogonalise(w_r, basis[run, : step + 1])
+            else:
+                beta = math.sqrt(max(_dot64(w_r, w_r), 0.0))
+            alphas[run].append(alpha)
+            betas[run].append(beta)
+            residual[run] = beta
+            scale[run] = max(scale[run], abs(alpha), beta)
+            if beta <= BREAKDOWN_RTOL * scale[run]:
                 active[run] = False  # invariant subspace: T is exact for this run
-        safe_beta = torch.where(beta > 0, beta, torch.ones_like(beta))
-        q_prev[:, idx_dev] = q[:, idx_dev]
-        q[:, idx_dev] = w / safe_beta
-        beta_prev[idx_dev] = beta
+                breakdown[run] = True
+                continue
+            w_r.div_(beta)
+            if own_vectors:
+                q_prev_work[run].copy_(q_work[run])
+                q_work[run].copy_(w_r)
+            if basis is not None and step + 1 < num_steps:
+                basis[run, step + 1].copy_(w_r)
+            beta_prev[run] = beta
+        del w
         if should_stop is not None and should_stop(step, snapshot()):
             break
     return snapshot()

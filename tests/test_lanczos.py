@@ -81,9 +81,11 @@ def test_breakdown_with_few_distinct_eigenvalues():
     assert torch.allclose(sd.weights.sum(1), torch.ones(3, dtype=torch.float64), atol=1e-12, rtol=0)
     probes = draw_probes(300, 3, "rademacher", make_generator(0))
     assert torch.allclose(sd.trace_samples, (probes * (A @ probes)).sum(0), rtol=1e-10, atol=0)
+    # top_eigenvalues restarts in the complement of what it found: 7 has multiplicity 75
     top = top_eigenvalues(op, k=2)
-    assert top.converged and top.num_hvps == 4
-    assert torch.allclose(top.values, torch.tensor([7.0, 2.0], dtype=torch.float64), atol=1e-10)
+    assert top.converged
+    assert torch.allclose(top.values, torch.tensor([7.0, 7.0], dtype=torch.float64), atol=1e-10)
+    assert abs(float(top.vectors[:, 0] @ top.vectors[:, 1])) < 1e-8
 
 
 @pytest.mark.parametrize(
