@@ -12,9 +12,12 @@ Detection, two steps:
    cotangents :math:`w_b` (``g`` = ``log_softmax`` for the KL cost, the identity otherwise); an
    entry of the gradient is exactly zero for every draw iff its column is zero (a non-zero column
    gives zero with probability 0).
-2. *Confirmation*: the cost along the candidates stays below the cutoff at ``± max_radius``
-   (all candidates moved together, then one by one if that fails). A zero Jacobian column alone
-   is not enough: the incoming weights of a dead ReLU unit can revive it far away.
+2. *Confirmation*: the cost stays below the cutoff with the candidates moved by ``± max_radius``:
+   all candidates together; if that fails, each parameter tensor's candidates together; then the
+   rest one by one (2 forward passes each, vmapped; at most 16,384). A zero Jacobian column alone
+   is not enough: the incoming weights of a dead ReLU unit can revive it far away. On the digits
+   MLP (4,810 parameters, 634 flat coordinates among 1,333 candidates) this costs about 2,400
+   forward passes, five times the radius search with 100 directions: it runs for ``measure="lebesgue"`` only.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from lightning_hessian.volume.cost import CostEvaluator
 
 __all__ = ["flat_coordinates"]
 
-# Candidates confirmed one by one at most (beyond: only the joint check counts).
-_MAX_INDIVIDUAL_CHECKS = 4096
+# Candidates confirmed one by one at most (the first ones in parameter order).
+_MAX_INDIVIDUAL_CHECKS = 2**14
 
 
 def _zero_jacobian_columns(
@@ -90,23 +93,43 @@ def flat_coordinates(
         return flat, 0
     device = theta.device
     n = theta.numel()
-    joint = torch.zeros(1, n, dtype=torch.float64, device=device)
-    joint[0, index.to(device)] = 1.0 / math.sqrt(index.numel())
-    reach = max_radius * math.sqrt(index.numel())
-    costs = evaluator(theta, joint.expand(2, n), torch.tensor([reach, -reach], dtype=torch.float64, device=device))
-    passes = 2
-    if bool((costs < cutoff).all()):
-        flat[index] = True
-        return flat, passes
-    checked = index[:_MAX_INDIVIDUAL_CHECKS]
-    group = max(1, min(checked.numel(), 2**24 // max(n, 1)))
-    for start in range(0, checked.numel(), group):
-        part = checked[start : start + group]
-        dirs = torch.zeros(part.numel(), n, dtype=torch.float64, device=device)
-        dirs[torch.arange(part.numel(), device=device), part.to(device)] = 1.0
-        t = torch.full((part.numel(),), max_radius, dtype=torch.float64, device=device)
-        up = evaluator(theta, dirs, t)
-        down = evaluator(theta, dirs, -t)
-        passes += 2 * part.numel()
-        flat[part[(up < cutoff) & (down < cutoff)]] = True
+    bounds = torch.tensor([0, *evaluator.numels]).cumsum(0)
+    owner = torch.bucketize(index, bounds[1:], right=True)
+    # All candidates together, then each parameter tensor's, then one by one: flat coordinates come
+    # in blocks (an input that is always zero, a dead unit's outgoing weights).
+    stages = [[index], [index[owner == t] for t in owner.unique().tolist()], None]
+    passes = 0
+    remaining = index
+    for sets in stages:
+        if remaining.numel() == 0:
+            break
+        if sets is None:
+            sets = [remaining[i : i + 1] for i in range(min(remaining.numel(), _MAX_INDIVIDUAL_CHECKS))]
+        sets = [members[~flat[members]] for members in sets]
+        sets = [members for members in sets if members.numel()]
+        passed, spent = _moved_sets_stay_below(evaluator, theta, sets, max_radius, cutoff)
+        passes += spent
+        for members, ok in zip(sets, passed):
+            if ok:
+                flat[members] = True
+        remaining = index[~flat[index]]
     return flat, passes
+
+
+def _moved_sets_stay_below(
+    evaluator: CostEvaluator, theta: Tensor, sets: list[Tensor], max_radius: float, cutoff: float
+) -> tuple[list[bool], int]:
+    """For each set of coordinates: is the cost below ``cutoff`` with all of them moved by ``± max_radius``?"""
+    n = theta.numel()
+    device = theta.device
+    group = max(1, 2**24 // max(n, 1) // 2)
+    passed: list[bool] = []
+    for start in range(0, len(sets), group):
+        chunk = sets[start : start + group]
+        dirs = torch.zeros(len(chunk), n, dtype=torch.float64, device=device)
+        for row, members in enumerate(chunk):
+            dirs[row, members.to(device)] = 1.0 / math.sqrt(members.numel())
+        reach = torch.tensor([max_radius * math.sqrt(m.numel()) for m in chunk], dtype=torch.float64, device=device)
+        costs = evaluator(theta, torch.cat([dirs, dirs]), torch.cat([reach, -reach])).reshape(2, len(chunk))
+        passed.extend((costs < cutoff).all(dim=0).tolist())
+    return passed, 2 * sum(len(sets[i : i + group]) for i in range(0, len(sets), group))
