@@ -103,6 +103,7 @@ def main() -> None:
         cases = [
             ("gaussian/none", dict(measure="gaussian", prior_std=prior)),
             ("gaussian/adam", dict(measure="gaussian", prior_std=prior, preconditioner="adam", optimizer=optimizer)),
+            ("gaussian/ggn_diag", dict(measure="gaussian", prior_std=prior, preconditioner="hessian_diag")),
             ("lebesgue/none", dict(measure="lebesgue")),
         ]
         for label, extra in cases:

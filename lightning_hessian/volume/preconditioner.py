@@ -105,6 +105,30 @@ def _optimizer_list(optimizer: Any) -> list[Any]:
     return [unwrap_optimizer(optimizer)]
 
 
+def _moment(kind: str, state: Any, index: int, entry: dict[str, Any]) -> Tensor | None:
+    """Parameter ``index``'s bias-corrected ``exp_avg_sq`` (``"adam"``) or ``|exp_avg|``, or None."""
+    if kind == "adam":
+        return state.second_moments[index]
+    raw = entry.get("exp_avg")
+    if not isinstance(raw, Tensor):
+        return None
+    moment = raw.detach().to(torch.float64).abs()
+    steps, beta1 = state.steps[index], state.beta1[index]
+    if steps > 0 and math.isfinite(beta1):
+        moment = moment / (1.0 - beta1**steps)
+    return moment
+
+
+def _check_owned(kind: str, names: list[str], owners: list[Any]) -> None:
+    unowned = [name for name, info in zip(names, owners) if info is None]
+    if unowned:
+        raise MissingOptimizerStateError(
+            f"preconditioner={kind!r}: trainable parameter(s) {unowned[:5]}{' ...' if len(unowned) > 5 else ''} "
+            "belong to none of the optimizers given; pass every optimizer of the model (a list), or "
+            "freeze those parameters (requires_grad=False)."
+        )
+
+
 def _adam_moment_scale(
     kind: str, optimizer: Any, names: list[str], params: list[Tensor], exponent: float
 ) -> PreconditionerScale:
@@ -117,44 +141,18 @@ def _adam_moment_scale(
             "preconditioner=None or 'hessian_diag'."
         )
     owners = param_groups(params, optimizers)
-    unowned = [name for name, info in zip(names, owners) if info is None]
-    if unowned:
-        raise MissingOptimizerStateError(
-            f"preconditioner={kind!r}: trainable parameter(s) {unowned[:5]}{' ...' if len(unowned) > 5 else ''} "
-            "belong to none of the optimizers given; pass every optimizer of the model (a list), or "
-            "freeze those parameters (requires_grad=False)."
-        )
+    _check_owned(kind, names, owners)
     state = adam_state(params, optimizers, names, bias_corrected=True)
-    adam_owned = [type(info.optimizer).__name__ in ADAM_LIKE or "betas" in info.group for info in owners if info]
     blocks: list[Tensor | None] = []
     floors: list[float] = []
     missing: list[str] = []
     for i, (name, p, info) in enumerate(zip(names, params, owners)):
-        assert info is not None
-        if not adam_owned[i]:
-            blocks.append(None)
-            floors.append(0.0)
-            continue
-        entry = info.optimizer.state.get(p, {})
-        if kind == "adam":
-            moment = state.second_moments[i]
-        else:
-            raw = entry.get("exp_avg")
-            moment = None
-            if isinstance(raw, Tensor):
-                steps = state.steps[i]
-                beta1 = state.beta1[i]
-                moment = raw.detach().to(torch.float64).abs()
-                if steps > 0 and math.isfinite(beta1):
-                    moment = moment / (1.0 - beta1**steps)
-        if moment is None:
+        is_adam = type(info.optimizer).__name__ in ADAM_LIKE or "betas" in info.group
+        moment = _moment(kind, state, i, info.optimizer.state.get(p, {})) if is_adam else None
+        if is_adam and moment is None:
             missing.append(name)
-            blocks.append(None)
-            floors.append(0.0)
-            continue
-        blocks.append(moment.detach().to(device=p.device, dtype=torch.float64).abs().pow(exponent).reshape(-1))
-        eps = state.eps[i]
-        floors.append(eps if math.isfinite(eps) else 0.0)
+        blocks.append(None if moment is None else moment.to(device=p.device, dtype=torch.float64).abs().pow(exponent).reshape(-1))
+        floors.append(state.eps[i] if moment is not None and math.isfinite(state.eps[i]) else 0.0)
     if missing:
         key = "exp_avg_sq" if kind == "adam" else "exp_avg"
         raise MissingOptimizerStateError(
@@ -184,14 +182,9 @@ def _adam_moment_scale(
             stacklevel=4,
         )
     scale = torch.cat(
-        [
-            b if b is not None else torch.full((p.numel(),), median, dtype=torch.float64, device=p.device)
-            for b, p in zip(blocks, params)
-        ]
+        [b if b is not None else torch.full((p.numel(),), median, dtype=torch.float64, device=p.device) for b, p in zip(blocks, params)]
     )
-    floor = torch.cat(
-        [torch.full((p.numel(),), f, dtype=torch.float64, device=p.device) for f, p in zip(floors, params)]
-    )
+    floor = torch.cat([torch.full((p.numel(),), f, dtype=torch.float64, device=p.device) for f, p in zip(floors, params)])
     return PreconditionerScale(kind, scale, floor)
 
 
