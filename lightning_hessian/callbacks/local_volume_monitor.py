@@ -87,7 +87,8 @@ class LocalVolumeMonitor(CurvatureCallback):
     non-constant parameter of the same module (a zero-initialised ``Linear`` bias gets its
     weight's std), else ``init_prior_fallback`` (default 1.0). ``"init"`` makes the estimate the
     paper's quantity: the probability of sampling a network that behaves like the trained one
-    when drawing weights from the initialisation distribution.
+    when drawing weights from the initialisation distribution, with that distribution replaced
+    by a Gaussian of the same per-tensor variance (PyTorch's default initialisation is uniform).
 
     **Preconditioner.** ``"adam"`` (default) reads the bias-corrected second moments
     :math:`\hat v = ` ``exp_avg_sq / (1 - beta2**t)`` of *every* optimizer in
@@ -317,6 +318,7 @@ class LocalVolumeMonitor(CurvatureCallback):
             preconditioner=self.preconditioner,
             measure=self.measure,
             prefix=self.prefix,
+            **({} if self.data == "train" else {"data": self.data}),
         )
 
     @property
