@@ -1004,3 +1004,27 @@ def test_radial_integral_documented_worst_case_error():
                     worst = max(worst, abs(float(got) - exact))
         assert worst < bound, (n, worst)
         assert worst > bound / 10  # the figure is a measured worst case, not a loose bound
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_for_every_preconditioner_and_the_flat_check():
+    model, data = _blank_pixel_problem()
+    model = model.double()
+    data = [(data[0][0].double(), data[0][1])]
+    optimizer = torch.optim.Adam(model.parameters())
+    model(data[0][0]).sum().backward()
+    optimizer.step()
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu_optimizer = torch.optim.Adam(gpu_model.parameters())
+    gpu_optimizer.load_state_dict(optimizer.state_dict())
+    for options in (
+        dict(preconditioner="adam"),
+        dict(preconditioner="hessian_diag"),
+        dict(preconditioner=None, measure="lebesgue"),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cpu = local_volume(model, data, num_directions=6, optimizer=optimizer, **options)
+            gpu = local_volume(gpu_model, data, num_directions=6, optimizer=gpu_optimizer, **options)
+        assert gpu.flat_parameters == cpu.flat_parameters
+        assert gpu.log_volume == pytest.approx(cpu.log_volume, rel=1e-9) or gpu.log_volume == cpu.log_volume
