@@ -17,7 +17,12 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_hessian import init_prior_std, local_volume
 from lightning_hessian.callbacks import LocalVolumeMonitor
-from tests.lightning_helpers import DigitsModule, digits_dataset, digits_loader, trainer_kwargs
+from tests.lightning_helpers import (
+    DigitsModule,
+    digits_dataset,
+    digits_loader,
+    trainer_kwargs,
+)
 
 SCALARS = [
     "log_volume",

@@ -807,7 +807,7 @@ def test_ggn_diagonal_matches_the_exact_hessian_diagonal(cost):
         model.norm.weight.add_(0.3 * torch.randn(3, dtype=torch.float64))  # no symmetric LayerNorm
     gen = torch.Generator().manual_seed(4)
     data = [(torch.randn(6, 5, 3, generator=gen, dtype=torch.float64), torch.rand(6, 5, generator=gen) > 0.3) for _ in range(2)]
-    mask_fn = lambda batch: batch[1]  # noqa: E731
+    mask_fn = lambda batch: batch[1]
     params = list(model.parameters())
     evaluator = CostEvaluator(
         model, data, cost=cost, output_fn=default_output_fn, batch_loss=None, mask_fn=mask_fn,
@@ -857,7 +857,10 @@ def test_zero_radius_contributes_minus_infinity_never_nan():
     values = log_radial_gaussian_integral(a, b, 10, r)
     assert values[0] == -math.inf
     assert torch.isfinite(values[1])
-    from lightning_hessian.volume.measure import gaussian_log_contributions, lebesgue_log_contributions
+    from lightning_hessian.volume.measure import (
+        gaussian_log_contributions,
+        lebesgue_log_contributions,
+    )
 
     log_r = torch.tensor([-math.inf, 0.0], dtype=torch.float64)
     log_vn = torch.zeros(2, dtype=torch.float64)

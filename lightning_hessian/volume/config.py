@@ -9,16 +9,15 @@ from typing import Any, Literal, Union
 
 from torch import Tensor, nn
 
-from lightning_hessian.volume.cost import default_output_fn
+from lightning_hessian.volume.cost import CostFn, default_output_fn
 from lightning_hessian.volume.preconditioner import PRECONDITIONER_NAMES
 
 __all__ = ["CostFn", "CostName", "Measure", "PreconditionerName", "PriorStd", "VolumeConfig", "check_positive_float", "validate"]
 
 CostName = Literal["kl", "gaussian", "loss"]
-CostFn = Callable[[Tensor, Tensor, Any], Tensor]
 PreconditionerName = Literal["adam", "adam_exp_avg", "hessian_diag", "hessian_diag_hutchinson"]
 Measure = Literal["gaussian", "lebesgue"]
-PriorStd = Union[float, Mapping[str, Union[float, Tensor]]]
+PriorStd = Union[float, Mapping[str, float | Tensor]]
 
 
 def check_positive_float(value: Any, name: str, hint: str) -> float:

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from lightning_hessian.volume.result import VolumeComputationError
 
-__all__ = ["CostEvaluator", "default_output_fn"]
+__all__ = ["CostEvaluator", "CostFn", "default_output_fn"]
+
+CostFn = Callable[[Tensor, Tensor, Any], Tensor]
 
 def default_output_fn(model: nn.Module, batch: Any) -> Tensor:
     if isinstance(batch, (list, tuple)):
@@ -102,7 +104,7 @@ class CostEvaluator:
                 entry = self._anchor(batch, mask_fn, batch_size_fn)
                 self.batches.append(entry)
                 local_weight += entry.weight
-        except Exception as err:  # noqa: BLE001 - re-raised (after the collective when distributed)
+        except Exception as err:
             if all_reduce is None:
                 raise
             failure = err

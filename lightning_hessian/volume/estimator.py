@@ -19,13 +19,27 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian._radius import RootFinder
-from lightning_hessian.operators import derivative_friendly_attention, preserved_model_state
+from lightning_hessian.operators import (
+    derivative_friendly_attention,
+    preserved_model_state,
+)
 from lightning_hessian.operators._batches import _default_batch_size, _move
-from lightning_hessian.volume.config import CostFn, CostName, Measure, PreconditionerName, PriorStd, VolumeConfig, validate
+from lightning_hessian.volume.config import (
+    CostFn,
+    CostName,
+    Measure,
+    PreconditionerName,
+    PriorStd,
+    VolumeConfig,
+    validate,
+)
 from lightning_hessian.volume.cost import CostEvaluator
 from lightning_hessian.volume.directions import direction_seeds
 from lightning_hessian.volume.flat import flat_coordinates
-from lightning_hessian.volume.measure import gaussian_log_contributions, lebesgue_log_contributions
+from lightning_hessian.volume.measure import (
+    gaussian_log_contributions,
+    lebesgue_log_contributions,
+)
 from lightning_hessian.volume.preconditioner import (
     log_preconditioner,
     preconditioner_scale,
@@ -34,7 +48,11 @@ from lightning_hessian.volume.preconditioner import (
 )
 from lightning_hessian.volume.prior import log_prior_std
 from lightning_hessian.volume.radii import RadiiSearch, search_radii
-from lightning_hessian.volume.result import VolumeComputationError, VolumeEstimate, effective_sample_size
+from lightning_hessian.volume.result import (
+    VolumeComputationError,
+    VolumeEstimate,
+    effective_sample_size,
+)
 
 __all__ = ["local_volume"]
 

@@ -91,8 +91,6 @@ def flat_coordinates(
     flat = torch.zeros_like(candidates)
     if index.numel() == 0:
         return flat, 0
-    device = theta.device
-    n = theta.numel()
     bounds = torch.tensor([0, *evaluator.numels]).cumsum(0)
     owner = torch.bucketize(index, bounds[1:], right=True)
     # All candidates together, then each parameter tensor's, then one by one: flat coordinates come

@@ -148,7 +148,7 @@ def ggn_diagonal(
                 part, count = _batch_diagonal(evaluator, entry, params, kl)
                 total += part
                 rows += count
-        except Exception as err:  # noqa: BLE001 - re-raised (after the collective when distributed)
+        except Exception as err:
             if all_reduce is None:
                 raise
             failure = err

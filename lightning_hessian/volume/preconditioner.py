@@ -22,9 +22,9 @@ Adam's :math:`\hat v` ×100) leaves :math:`P` unchanged. ``ρ`` is ``preconditio
 - ``"hessian_diag"``: :math:`d` = the exact Gauss-Newton (Fisher) diagonal of the cost at the
   anchor (:mod:`~lightning_hessian.volume.ggn_diagonal`), deterministic.
 - ``"hessian_diag_hutchinson"``: Hutchinson's estimate of diag(H) with ``preconditioner_probes``
-  Rademacher probes (explicit opt-in: with tens of probes its median relative error is ~300 %,
-  a quarter of its entries are negative before ``abs()``, and it loses to the naive estimator on
-  the digits MLP under the initialisation prior).
+  Rademacher probes (explicit opt-in: on the digits MLP with 32 probes its median relative error
+  against the exact diagonal is 280 % and 29 % of its entries are negative before ``abs()``; its
+  estimates trail the exact diagonal's by 60–170 nats there).
 """
 
 from __future__ import annotations
@@ -40,7 +40,12 @@ from torch import Tensor
 
 from lightning_hessian._random import draw_probes
 from lightning_hessian.operators import HessianOperator
-from lightning_hessian.optim_state import ADAM_LIKE, adam_state, param_groups, unwrap_optimizer
+from lightning_hessian.optim_state import (
+    ADAM_LIKE,
+    adam_state,
+    param_groups,
+    unwrap_optimizer,
+)
 from lightning_hessian.volume.cost import CostEvaluator
 from lightning_hessian.volume.ggn_diagonal import ggn_diagonal
 from lightning_hessian.volume.prior import flat_from_mapping
