@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_hessian.volume.cost import CostEvaluator
+from lightning_hessian.volume.result import VolumeComputationError
 
 __all__ = ["flat_coordinates"]
 
@@ -42,24 +43,37 @@ def _zero_jacobian_columns(
     """``[n]`` bool: the coordinate's Jacobian column is exactly zero on every process's shard."""
     n = sum(evaluator.numels)
     total = torch.zeros(n, dtype=torch.float64, device=evaluator.device)
-    with torch.enable_grad():
-        for entry in evaluator.batches:
-            out = evaluator.wrapper(entry.batch)
-            if evaluator.cost == "kl":
-                out = torch.log_softmax(out.to(torch.float64), dim=-1)
-            out = out.to(torch.float64)
-            weights = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
-            grads = torch.autograd.grad((out * weights).sum(), evaluator.params, allow_unused=True)
-            total += torch.cat(
-                [
-                    torch.zeros(p.numel(), dtype=torch.float64, device=evaluator.device)
-                    if g is None
-                    else g.detach().reshape(-1).to(torch.float64).abs()
-                    for g, p in zip(grads, evaluator.params)
-                ]
-            )
+    failure: BaseException | None = None
+    try:
+        with torch.enable_grad():
+            for entry in evaluator.batches:
+                out = evaluator.wrapper(entry.batch)
+                if evaluator.cost == "kl":
+                    out = torch.log_softmax(out.to(torch.float64), dim=-1)
+                out = out.to(torch.float64)
+                weights = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
+                grads = torch.autograd.grad((out * weights).sum(), evaluator.params, allow_unused=True)
+                total += torch.cat(
+                    [
+                        torch.zeros(p.numel(), dtype=torch.float64, device=evaluator.device)
+                        if g is None
+                        else g.detach().reshape(-1).to(torch.float64).abs()
+                        for g, p in zip(grads, evaluator.params)
+                    ]
+                )
+    except Exception as err:
+        if all_reduce is None:
+            raise
+        failure = err
     if all_reduce is not None:
-        total = all_reduce(total)
+        # One collective with a failure flag: every process joins it, none hangs, all raise.
+        flag = torch.tensor([1.0 if failure is not None else 0.0], dtype=torch.float64, device=total.device)
+        packed = all_reduce(torch.cat([total, flag]))
+        if failure is not None:
+            raise failure
+        if float(packed[-1]) > 0:
+            raise VolumeComputationError("Another process failed while checking for flat coordinates.")
+        total = packed[:-1]
     return total == 0
 
 
