@@ -172,7 +172,9 @@ def test_no_logger_every_n_epochs_and_alternatives():
     """logger=False; every_n_epochs; SGD with the naive and Hessian-diagonal preconditioners."""
     monitor = _monitor(every_n_epochs=2, preconditioner=None, prior_std=1.0)
     hdiag = _monitor(preconditioner="hessian_diag", measure="lebesgue", prefix="vol_h/")
-    trainer = _fit(DigitsModule(hidden=8, optimizer="sgd"), monitor, max_epochs=3, extra_callbacks=[hdiag])
+    with pytest.warns(UserWarning, match=r"exactly flat.*net\.0\.weight.*Warned once") as record:
+        trainer = _fit(DigitsModule(hidden=8, optimizer="sgd"), monitor, max_epochs=3, extra_callbacks=[hdiag])
+    assert sum("exactly flat" in str(w.message) for w in record) == 1  # three evaluations, one warning
     assert monitor.state_key != hdiag.state_key
     assert [int(r["epoch"]) for r in monitor.history] == [1]
     assert monitor.last_estimate is not None and monitor.last_estimate.preconditioner == "none"

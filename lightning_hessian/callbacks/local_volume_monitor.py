@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Union
 
@@ -287,6 +288,7 @@ class LocalVolumeMonitor(CurvatureCallback):
             raise ValueError(f"`confidence` must be in (0, 1), got {confidence!r}.")
         self.confidence = float(confidence)
         self._warned_low_ess = False
+        self._warned_flat = False
         self.init_prior: dict[str, float] | None = None
         self.last_estimate: VolumeEstimate | None = None
 
@@ -330,6 +332,7 @@ class LocalVolumeMonitor(CurvatureCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._warned_low_ess = False
+        self._warned_flat = False
         self._check_configuration(trainer, pl_module)
 
     def _check_configuration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -494,13 +497,17 @@ class LocalVolumeMonitor(CurvatureCallback):
         optimizers = self._optimizer_for_compute(trainer)
         data = self._analysis_data(trainer)
         try:
-            est = local_volume(
-                pl_module,
-                data,
-                optimizer=optimizers,
-                all_reduce=self._all_reduce(trainer),
-                **self._volume_kwargs(),
-            )
+            with warnings.catch_warnings():
+                # Said once, on rank zero, by this callback instead (fit start / after the evaluation).
+                warnings.filterwarnings("ignore", message=r"preconditioner=.*non-Adam optimizer")
+                warnings.filterwarnings("ignore", message=r"local_volume: .* exactly flat")
+                est = local_volume(
+                    pl_module,
+                    data,
+                    optimizer=optimizers,
+                    all_reduce=self._all_reduce(trainer),
+                    **self._volume_kwargs(),
+                )
         except MissingOptimizerStateError as err:
             # Known at an evaluation only (Adam's state is lazy): a warning and NaN, not a crash.
             raise VolumeComputationError(str(err)) from None
@@ -524,7 +531,19 @@ class LocalVolumeMonitor(CurvatureCallback):
         self._log_scalars(trainer, pl_module, values)
         if est is not None:
             self._warn_low_ess(est, epoch)
+            self._warn_flat(est, epoch)
             self._log_radii(trainer, est)
+
+    def _warn_flat(self, est: VolumeEstimate, epoch: int) -> None:
+        if self._warned_flat or not est.flat_parameters:
+            return
+        self._warned_flat = True
+        listed = ", ".join(f"{name} ({count})" for name, count in list(est.flat_parameters.items())[:8])
+        rank_zero_warn(
+            f"{type(self).__name__}: at epoch {epoch}, {sum(est.flat_parameters.values())} coordinate(s) are exactly "
+            f"flat (the cost does not depend on them): {listed}. The Lebesgue volume is infinite (logged as +inf); "
+            "freeze them, or use measure='gaussian'. (Warned once per fit.)"
+        )
 
     def _warn_low_ess(self, est: VolumeEstimate, epoch: int) -> None:
         if self._warned_low_ess or not est.effective_sample_size < _LOW_ESS:
