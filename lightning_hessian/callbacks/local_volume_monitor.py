@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_hessian.callbacks._analysis_set import _plain_dataloader
 from lightning_hessian.callbacks._base import CurvatureCallback
-from lightning_hessian.optim_state import ADAM_LIKE, param_groups, unwrap_optimizer
+from lightning_hessian.optim_state import param_groups, unwrap_optimizer
 from lightning_hessian.volume import (
     MissingOptimizerStateError,
     VolumeComputationError,
@@ -412,7 +412,7 @@ class LocalVolumeMonitor(CurvatureCallback):
                 "preconditioner=None / 'hessian_diag'."
             )
         others = sorted(
-            {type(info.optimizer).__name__ for info in owners if info is not None and type(info.optimizer).__name__ not in ADAM_LIKE and "betas" not in info.group}
+            {type(info.optimizer).__name__ for info in owners if info is not None and info.optimizer not in adam_like}
         )
         if others:
             rank_zero_warn(

@@ -152,7 +152,9 @@ def _adam_moment_scale(
     floors: list[float] = []
     missing: list[str] = []
     for i, (name, p, info) in enumerate(zip(names, params, owners)):
-        is_adam = type(info.optimizer).__name__ in ADAM_LIKE or "betas" in info.group
+        cls = type(info.optimizer).__name__
+        # Adamax keeps an infinity norm (`exp_inf`), not `exp_avg_sq`.
+        is_adam = (cls in ADAM_LIKE or "betas" in info.group) and not (kind == "adam" and cls == "Adamax")
         moment = _moment(kind, state, i, info.optimizer.state.get(p, {})) if is_adam else None
         if is_adam and moment is None:
             missing.append(name)
