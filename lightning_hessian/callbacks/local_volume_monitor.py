@@ -24,6 +24,7 @@ from lightning_hessian.volume import (
     init_prior_std,
     local_volume,
 )
+from lightning_hessian.volume.preconditioner import holds_adam_moment
 
 __all__ = ["LocalVolumeMonitor"]
 
@@ -412,7 +413,11 @@ class LocalVolumeMonitor(CurvatureCallback):
                 "preconditioner=None / 'hessian_diag'."
             )
         others = sorted(
-            {type(info.optimizer).__name__ for info in owners if info is not None and info.optimizer not in adam_like}
+            {
+                type(info.optimizer).__name__
+                for info in owners
+                if info is not None and not holds_adam_moment(info, self.preconditioner)
+            }
         )
         if others:
             rank_zero_warn(

@@ -42,6 +42,7 @@ from lightning_hessian._random import draw_probes
 from lightning_hessian.operators import HessianOperator
 from lightning_hessian.optim_state import (
     ADAM_LIKE,
+    ParamGroupInfo,
     adam_state,
     param_groups,
     unwrap_optimizer,
@@ -56,6 +57,7 @@ __all__ = [
     "PRECONDITIONER_NAMES",
     "MissingOptimizerStateError",
     "PreconditionerScale",
+    "holds_adam_moment",
     "log_preconditioner",
     "preconditioner_scale",
 ]
@@ -124,6 +126,16 @@ def _moment(kind: str, state: Any, index: int, entry: dict[str, Any]) -> Tensor 
     return moment
 
 
+def holds_adam_moment(info: ParamGroupInfo, kind: str) -> bool:
+    """Whether the optimizer/group owning a parameter keeps the moment ``kind`` reads.
+
+    Adam-type classes (:data:`~lightning_hessian.optim_state.ADAM_LIKE`) or any group with
+    ``betas``; Adamax keeps an infinity norm (``exp_inf``), not ``exp_avg_sq``.
+    """
+    cls = type(info.optimizer).__name__
+    return (cls in ADAM_LIKE or "betas" in info.group) and not (kind == "adam" and cls == "Adamax")
+
+
 def _check_owned(kind: str, names: list[str], owners: list[Any]) -> None:
     unowned = [name for name, info in zip(names, owners) if info is None]
     if unowned:
@@ -152,9 +164,7 @@ def _adam_moment_scale(
     floors: list[float] = []
     missing: list[str] = []
     for i, (name, p, info) in enumerate(zip(names, params, owners)):
-        cls = type(info.optimizer).__name__
-        # Adamax keeps an infinity norm (`exp_inf`), not `exp_avg_sq`.
-        is_adam = (cls in ADAM_LIKE or "betas" in info.group) and not (kind == "adam" and cls == "Adamax")
+        is_adam = holds_adam_moment(info, kind)
         moment = _moment(kind, state, i, info.optimizer.state.get(p, {})) if is_adam else None
         if is_adam and moment is None:
             missing.append(name)
