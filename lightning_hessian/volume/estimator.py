@@ -303,7 +303,8 @@ def local_volume(
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("The model has no trainable parameters (requires_grad=True): nothing to perturb.")
-    names, params = [name for name, _ in named], [p for _, p in named]
+    names = [name for name, _ in named]
+    params: list[Tensor] = [p for _, p in named]
     device = params[0].device
     log_s = log_prior_std(prior_std, names, params) if config.measure == "gaussian" else None
     base_seed, aux_generator = direction_seeds(seed, all_reduce, device)

@@ -66,10 +66,11 @@ def _squared_rows(evaluator: CostEvaluator, params: dict[str, Tensor], kl: bool,
         def forward(p: dict[str, Tensor]) -> Tensor:
             return torch.func.functional_call(evaluator.wrapper, p, (batch,))
 
-        out, vjp_fn = torch.func.vjp(forward, params)
+        primal = torch.func.vjp(forward, params)
+        out, vjp_fn = primal[0], primal[1]
         cot = _cotangent_rows(anchor, mask, kl)
         cot = cot.reshape(cot.shape[0], *out.shape).to(out.dtype)
-        (grads,) = torch.func.vmap(vjp_fn)(cot)
+        grads = torch.func.vmap(vjp_fn)(cot)[0]
         return torch.cat([grads[name].reshape(cot.shape[0], -1).to(torch.float64).pow(2).sum(0) for name in evaluator.prefixed])
 
     return one

@@ -164,6 +164,7 @@ def _adam_moment_scale(
     floors: list[float] = []
     missing: list[str] = []
     for i, (name, p, info) in enumerate(zip(names, params, owners)):
+        assert info is not None  # _check_owned
         is_adam = holds_adam_moment(info, kind)
         moment = _moment(kind, state, i, info.optimizer.state.get(p, {})) if is_adam else None
         if is_adam and moment is None:
