@@ -196,9 +196,9 @@ class CostEvaluator:
         """Sum of per-position costs of one (unbatched) perturbed output against the anchor."""
         if self.cost == "loss":
             return (out.reshape(()).to(torch.float64) - entry.anchor_loss) * entry.weight
+        assert entry.anchor is not None
         if callable(self.cost):
             return self.cost(out, entry.anchor, entry.batch).to(torch.float64).sum()
-        assert entry.anchor is not None
         if self.cost == "kl":
             log_q = torch.log_softmax(out.to(torch.float64), dim=-1)
             log_p = entry.anchor
