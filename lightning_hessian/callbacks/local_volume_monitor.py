@@ -495,6 +495,9 @@ class LocalVolumeMonitor(CurvatureCallback):
             return
         kwargs = self._volume_kwargs()
         kwargs.update(num_directions=1, preconditioner=None, preconditioner_eps=None, max_evaluations=4)
+        # The Gaussian measure: the Lebesgue one's flat-coordinate check is a property of the whole
+        # analysis set (one micro-batch would flag spurious flat coordinates) and costs passes.
+        kwargs.update(measure="gaussian", prior_std=kwargs.get("prior_std", 1.0))
         local_volume(pl_module, [batch], **kwargs)
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], VolumeEstimate]:
