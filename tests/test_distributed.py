@@ -226,15 +226,15 @@ def _reference_volume_values(record: dict[str, Any], epoch: int, monitor: Any) -
 def test_analysis_shards_partition_the_single_process_set(world_size):
     dataset = digits_dataset(NUM_SAMPLES)
     single = AnalysisSet(ANALYSIS_FRACTION, seed=42, batch_size=16, max_samples=None)
-    assert list(single.loader(dataset, None, 0, 1).dataset.indices) == single.indices
+    assert single.shard_indices(len(dataset), 0, 1) == single.indices
     reference = single.indices
     assert reference is not None and len(reference) == 101
     shards = []
     for rank in range(world_size):
         analysis = AnalysisSet(ANALYSIS_FRACTION, seed=42, batch_size=16, max_samples=None)
-        loader = analysis.loader(dataset, None, rank, world_size)
+        shard = analysis.shard_indices(len(dataset), rank, world_size)
         assert analysis.indices == reference  # every rank draws the same global set
-        shards.append(list(loader.dataset.indices))
+        shards.append(shard)
     flat = [i for shard in shards for i in shard]
     assert len(flat) == len(set(flat)) == len(reference)  # disjoint
     assert sorted(flat) == sorted(reference)  # union = the single-process set

@@ -1,14 +1,31 @@
-"""The analysis set: a fixed, seeded subset of the training data with a deterministic loader."""
+"""The analysis set: a fixed, seeded subset of the training data, read once and kept for the run."""
 
 from __future__ import annotations
 
+import copy
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-__all__ = ["AnalysisSet"]
+from lightning_hessian.callbacks._isolation import (
+    HeldGenerator,
+    derived_seed,
+    find_held_generators,
+    forked_global_rngs,
+    preserved_generators,
+)
+from lightning_hessian.operators._batches import _move, _nbytes
+
+__all__ = ["DEFAULT_MAX_ANALYSIS_BYTES", "AnalysisSet"]
+
+DEFAULT_MAX_ANALYSIS_BYTES = 1 << 30
+# The kept batches move to the accelerator when they take at most this fraction of its free memory.
+_DEVICE_MEMORY_FRACTION = 0.1
+
 
 def _plain_dataloader(loader: Any) -> DataLoader | None:
     """The single DataLoader behind ``trainer.train_dataloader`` (or ``None``)."""
@@ -22,14 +39,47 @@ def _plain_dataloader(loader: Any) -> DataLoader | None:
     return None
 
 
-class AnalysisSet:
-    """A fixed, seeded subset of a dataset, served by a deterministic micro-batched loader.
+def _describe(obj: Any) -> str:
+    return type(obj).__name__
 
-    Indices are drawn once (``torch.randperm`` with ``seed``), kept sorted, and restored from
-    checkpoints, so every epoch (and every resumed run) analyses exactly the same samples. Under
-    DDP each process takes the strided shard ``indices[rank::world_size]``: disjoint shards
-    whose union is the single-process set. An ``IterableDataset`` cannot be indexed: its first
-    samples up to the requested size are taken (``max_samples`` required there).
+
+class AnalysisSet:
+    """A fixed, seeded subset of a dataset, read once into collated micro-batches and kept.
+
+    **Which samples.** Indices are drawn once (``torch.randperm`` with ``seed``), kept sorted and
+    restored from checkpoints. Under DDP each process takes the strided shard
+    ``indices[rank::world_size]``: disjoint shards whose union is the single-process set. An
+    ``IterableDataset`` cannot be indexed: its first ``max_samples`` samples form the set (each
+    process then keeps its strided shard of them).
+
+    **Read once, augmentation frozen.** :meth:`materialize` reads the samples a single time (the
+    first call; later calls return the kept batches) and keeps the collated micro-batches for the
+    whole run, so every evaluation analyses the same tensors, whatever random transforms the
+    dataset applies. During the read Python's, NumPy's and torch's global RNGs (CPU and CUDA) are
+    forked: sample ``i`` is read with all of them seeded from ``(seed, i)`` alone, and so is every
+    random generator the dataset holds (``torch.Generator``, ``numpy.random.Generator`` /
+    ``RandomState``, ``random.Random``, found through wrappers, ``Subset``/``ConcatDataset`` and
+    transform closures). Augmentations are thereby frozen at one seeded draw that depends neither on
+    when the set is read, nor on the number of processes, nor on the training run; a resumed run
+    reads exactly the same tensors. An ``IterableDataset`` is read with the global RNGs seeded once
+    from ``seed`` (its own generators are not reseeded: the set is the stream's first samples).
+
+    **Isolation.** All those RNG states, the dataset's generators included, are restored after the
+    read, so training draws exactly what it would have drawn without it. A dataset that holds state
+    no snapshot can restore (a Python generator or iterator, e.g. a one-shot stream) is read from a
+    ``copy.deepcopy``; when that copy fails a warning names the dataset and the workaround
+    (``dataset=``: a separate instance to analyse).
+
+    **Memory.** The batches are kept in host memory, at most ``max_bytes`` per process (reading
+    more raises ``ValueError`` naming the fix); on a CUDA model they are moved to the device when
+    they take at most 10% of its free memory (no host-to-device copy per evaluation).
+
+    Args:
+        fraction: Fraction of a map-style dataset in the set.
+        seed: Seed of the indices and of the read's random state.
+        batch_size: Samples per collated micro-batch.
+        max_samples: Cap on the set's size (required for an ``IterableDataset``).
+        max_bytes: Host-memory budget of the kept batches, per process.
     """
 
     def __init__(
@@ -38,56 +88,34 @@ class AnalysisSet:
         seed: int,
         batch_size: int,
         max_samples: int | None,
+        max_bytes: int = DEFAULT_MAX_ANALYSIS_BYTES,
     ) -> None:
         self.fraction = fraction
         self.seed = seed
         self.batch_size = batch_size
         self.max_samples = max_samples
+        self.max_bytes = max_bytes
         self.indices: list[int] | None = None
         self.dataset_length: int | None = None
+        self.nbytes = 0
+        self.num_samples = 0
+        self.read_seconds = 0.0
+        self._batches: list[Any] | None = None
+        self._source: tuple[Any, int, int] | None = None
+        self._warned_isolation = False
+
+    # ------------------------------------------------------------------ indices
 
     def draw(self, length: int) -> list[int]:
+        """The sorted global indices for a dataset of ``length`` samples (seeded, no RNG state touched)."""
         count = max(1, int(round(self.fraction * length)))
         if self.max_samples is not None:
             count = min(count, self.max_samples)
         generator = torch.Generator().manual_seed(self.seed)
         return sorted(torch.randperm(length, generator=generator)[:count].tolist())
 
-    def loader(
-        self,
-        dataset: Dataset | None,
-        template: DataLoader | None,
-        rank: int,
-        world_size: int,
-        explicit_loader: DataLoader | None = None,
-    ) -> DataLoader | list[Any]:
-        """The deterministic loader over this process's shard."""
-        if explicit_loader is not None:
-            if world_size > 1:
-                return [b for i, b in enumerate(explicit_loader) if i % world_size == rank]
-            return explicit_loader
-        if dataset is None:
-            raise ValueError(
-                "No dataset to analyse: the trainer has no single train DataLoader. Pass "
-                "`dataset=` or `dataloader=` to the callback."
-            )
-        collate = template.collate_fn if template is not None else None
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            if self.max_samples is None:
-                raise ValueError(
-                    "The training dataset has no length (IterableDataset); pass `max_samples=` "
-                    "so that its first `max_samples` samples form the analysis set."
-                )
-            samples = []
-            for sample in dataset:
-                samples.append(sample)
-                if len(samples) >= self.max_samples:
-                    break
-            if not samples:
-                raise ValueError("The training dataset yielded no samples for the analysis set.")
-            shard = samples[rank::world_size]
-            return DataLoader(shard, batch_size=self.batch_size, shuffle=False, collate_fn=collate)  # type: ignore[arg-type]
-        length = len(dataset)
+    def shard_indices(self, length: int, rank: int, world_size: int) -> list[int]:
+        """This process's indices ``indices[rank::world_size]``, drawing the global set if needed."""
         if length == 0:
             raise ValueError("The training dataset is empty: there is nothing to analyse.")
         if self.indices is None or self.dataset_length != length:
@@ -98,19 +126,189 @@ class AnalysisSet:
                 )
             self.indices = self.draw(length)
             self.dataset_length = length
-        shard = self.indices[rank::world_size]
-        return DataLoader(
-            Subset(dataset, shard),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=0,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return self.indices[rank::world_size]
+
+    # ------------------------------------------------------------------ the read
+
+    @property
+    def materialized(self) -> bool:
+        """Whether the batches have been read and are kept."""
+        return self._batches is not None
+
+    def clear(self) -> None:
+        """Drop the kept batches (the next :meth:`materialize` reads again, identically)."""
+        self._batches = None
+        self._source = None
+
+    def materialize(
+        self,
+        dataset: Dataset | None,
+        template: DataLoader | None,
+        rank: int,
+        world_size: int,
+        explicit_loader: DataLoader | None = None,
+        device: torch.device | None = None,
+    ) -> list[Any]:
+        """This process's collated micro-batches, read on the first call and kept (idempotent).
+
+        Args:
+            dataset: The dataset to subsample (ignored with ``explicit_loader``).
+            template: The training DataLoader whose ``collate_fn`` collates the samples.
+            rank: This process's rank.
+            world_size: Number of processes.
+            explicit_loader: Analyse exactly these batches (``i % world_size == rank`` on each
+                process) instead of a subset of ``dataset``.
+            device: The model's device; CUDA batches that fit are kept there.
+
+        Raises:
+            ValueError: No dataset, an empty one, an ``IterableDataset`` without ``max_samples``,
+                or a set larger than ``max_bytes``.
+        """
+        source = explicit_loader if explicit_loader is not None else dataset
+        if self._batches is not None and self._source is not None:
+            kept, kept_rank, kept_world = self._source
+            if kept is source and (kept_rank, kept_world) == (rank, world_size):
+                return self._batches
+        start = time.perf_counter()
+        if explicit_loader is not None:
+            batches = self._read_loader(explicit_loader, rank, world_size)
+        elif dataset is None:
+            raise ValueError(
+                "No dataset to analyse: the trainer has no single train DataLoader. Pass "
+                "`dataset=` or `dataloader=` to the callback."
+            )
+        elif isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            batches = self._read_stream(dataset, template, rank, world_size)
+        else:
+            batches = self._read_indexed(dataset, template, rank, world_size)
+        self._batches = self._place(batches, device)
+        self._source = (source, rank, world_size)
+        self.read_seconds = time.perf_counter() - start
+        return self._batches
+
+    def _isolated_source(self, dataset: Any) -> tuple[Any, list[HeldGenerator]]:
+        """The object to read from (the dataset or a deep copy) and the generators it holds."""
+        generators, opaque = find_held_generators(dataset)
+        if not opaque:
+            return dataset, generators
+        try:
+            clone = copy.deepcopy(dataset)
+        except Exception as err:  # noqa: BLE001 - any failure to copy means: cannot isolate
+            if not self._warned_isolation:
+                self._warned_isolation = True
+                rank_zero_warn(
+                    f"The analysis set is read from {_describe(dataset)}, which holds state that reading "
+                    f"advances and that can be neither restored nor copied ({', '.join(opaque[:3])}; "
+                    f"copy.deepcopy failed: {type(err).__name__}: {err}). Reading the analysis set may "
+                    "change the data training sees. Workaround: pass `dataset=` (a separate instance of "
+                    "the dataset, or a fixed in-memory one) to the callback."
+                )
+            return dataset, generators
+        return clone, find_held_generators(clone)[0]
+
+    def _budget(self, nbytes: int, count: int) -> None:
+        if nbytes > self.max_bytes:
+            raise ValueError(
+                f"The analysis set exceeds its memory budget: {count} samples already take {nbytes:,} bytes "
+                f"> `max_analysis_bytes`={self.max_bytes:,} (per process). Lower `analysis_fraction` or "
+                "`max_samples`, or raise `max_analysis_bytes`."
+            )
+
+    def _read_indexed(self, dataset: Any, template: DataLoader | None, rank: int, world_size: int) -> list[Any]:
+        shard = self.shard_indices(len(dataset), rank, world_size)
+        collate, auto = _collation(template)
+        source, generators = self._isolated_source(dataset)
+        batches: list[Any] = []
+        pending: list[Any] = []
+        total = 0
+        with forked_global_rngs() as reseed, preserved_generators(generators):
+            for position, index in enumerate(shard):
+                seed = derived_seed(self.seed, index)
+                reseed(seed)
+                for generator in generators:
+                    generator.reseed(seed)
+                pending.append(source[index])
+                if not auto or len(pending) == self.batch_size or position == len(shard) - 1:
+                    batch = collate(pending) if auto else collate(pending[0])
+                    pending = []
+                    total += _nbytes(batch)
+                    self._budget(total, position + 1)
+                    batches.append(batch)
+        self.nbytes, self.num_samples = total, len(shard)
+        return batches
+
+    def _read_stream(self, dataset: Any, template: DataLoader | None, rank: int, world_size: int) -> list[Any]:
+        if self.max_samples is None:
+            raise ValueError(
+                "The training dataset has no length (IterableDataset); pass `max_samples=` "
+                "so that its first `max_samples` samples form the analysis set."
+            )
+        collate, auto = _collation(template)
+        source, generators = self._isolated_source(dataset)
+        samples: list[Any] = []
+        total = 0
+        with forked_global_rngs() as reseed, preserved_generators(generators):
+            reseed(self.seed)
+            iterator = iter(source)
+            try:
+                for sample in iterator:
+                    samples.append(sample)
+                    total += _nbytes(sample)
+                    self._budget(total, len(samples))
+                    if len(samples) >= self.max_samples:
+                        break
+            finally:
+                close = getattr(iterator, "close", None)
+                if callable(close):
+                    close()
+        if not samples:
+            raise ValueError("The training dataset yielded no samples for the analysis set.")
+        shard = samples[rank::world_size]
+        self.nbytes, self.num_samples = sum(_nbytes(s) for s in shard), len(shard)
+        if not auto:
+            return [collate(s) for s in shard]
+        return [collate(shard[i : i + self.batch_size]) for i in range(0, len(shard), self.batch_size)]
+
+    def _read_loader(self, loader: DataLoader, rank: int, world_size: int) -> list[Any]:
+        parts = [loader.dataset, loader.sampler, loader.batch_sampler, loader.generator, loader.collate_fn]
+        generators, _ = find_held_generators(parts)
+        batches: list[Any] = []
+        total = 0
+        with forked_global_rngs() as reseed, preserved_generators(generators):
+            reseed(self.seed)
+            for i, batch in enumerate(loader):
+                if i % world_size == rank:
+                    batches.append(batch)
+                    total += _nbytes(batch)
+                    self._budget(total, len(batches))
+        self.nbytes, self.num_samples = total, len(batches)
+        return batches
+
+    def _place(self, batches: list[Any], device: torch.device | None) -> list[Any]:
+        """Move the batches to a CUDA device when they take a small fraction of its free memory."""
+        if device is None or device.type != "cuda" or not batches:
+            return batches
+        free, _ = torch.cuda.mem_get_info(device)
+        if self.nbytes > _DEVICE_MEMORY_FRACTION * free:
+            return batches
+        return [_move(batch, device) for batch in batches]
+
+    # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
         return {"indices": self.indices, "dataset_length": self.dataset_length, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.indices = state.get("indices")
+        indices = state.get("indices")
+        if indices != self.indices:
+            self.clear()
+        self.indices = indices
         self.dataset_length = state.get("dataset_length")
+
+
+def _collation(template: DataLoader | None) -> tuple[Callable[[Any], Any], bool]:
+    """The training loader's collate function and whether it batches samples (auto-collation)."""
+    if template is None:
+        return default_collate, True
+    auto = bool(getattr(template, "_auto_collation", True))
+    return template.collate_fn, auto

@@ -7,6 +7,7 @@ No math lives here: the callbacks build a :class:`~lightning_hessian.HessianOper
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable
@@ -16,13 +17,23 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_hessian.callbacks._analysis_set import AnalysisSet, _plain_dataloader
+from lightning_hessian.callbacks._analysis_set import (
+    DEFAULT_MAX_ANALYSIS_BYTES,
+    AnalysisSet,
+    _plain_dataloader,
+)
 from lightning_hessian.callbacks._isolation import isolated_training_state
+from lightning_hessian.callbacks._logging import ArtifactPublisher
+from lightning_hessian.callbacks._progress import (
+    CountingOperator,
+    evaluation_bar,
+    progress_logger,
+    summarize_evaluation,
+)
 from lightning_hessian.errors import HessianComputationError
 from lightning_hessian.operators._batches import _default_batch_size
 
@@ -79,6 +90,23 @@ def _check_fraction(value: float) -> float:
     return float(value)
 
 
+def _on_cuda(batch: Any) -> bool:
+    if isinstance(batch, Tensor):
+        return batch.is_cuda
+    if isinstance(batch, dict):
+        return any(_on_cuda(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return any(_on_cuda(v) for v in batch)
+    return False
+
+
+def _check_seed(seed: Any) -> int:
+    """Any integral seed (Python or NumPy integers) in ``[0, 2**63)``, as a Python ``int``."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
+        raise ValueError(f"`seed` must be an integer in [0, 2**63) (Python or NumPy integer), got {seed!r}.")
+    return int(seed)
+
+
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return None
@@ -107,15 +135,17 @@ class CurvatureCallback(Callback):
         prefix: str,
         batch_size_fn: Callable[[Any], float] | None = None,
         on_error: OnError = "warn",
+        max_analysis_bytes: int = DEFAULT_MAX_ANALYSIS_BYTES,
+        progress_bar: bool = False,
     ) -> None:
         super().__init__()
         self.every_n_epochs = _check_positive_int("every_n_epochs", every_n_epochs)
         self.analysis_fraction = _check_fraction(analysis_fraction)
         self.max_samples = _check_positive_int("max_samples", max_samples, allow_none=True)
         self.analysis_batch_size = _check_positive_int("analysis_batch_size", analysis_batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
-        self.seed = seed
+        self.seed = _check_seed(seed)
+        self.max_analysis_bytes = _check_positive_int("max_analysis_bytes", max_analysis_bytes)
+        self.progress_bar = bool(progress_bar)
         if dataset is not None and dataloader is not None:
             raise ValueError("Pass at most one of `dataset` and `dataloader`.")
         if dataset is not None and not isinstance(dataset, Dataset):
@@ -140,9 +170,13 @@ class CurvatureCallback(Callback):
         self.loss_fn = loss_fn
         self.batch_loss = batch_loss
         self.prefix = prefix
-        self.analysis = AnalysisSet(self.analysis_fraction, seed, self.analysis_batch_size, self.max_samples)
+        self.analysis = AnalysisSet(
+            self.analysis_fraction, self.seed, self.analysis_batch_size, self.max_samples, self.max_analysis_bytes
+        )
         self.history: list[dict[str, float]] = []
-        self._warned_no_tensorboard = False
+        self._publisher = ArtifactPublisher(type(self).__name__)
+        self._epoch_start: float | None = None
+        self._last_batch_end: float | None = None
 
     # ------------------------------------------------------------------ lightning hooks
 
@@ -159,6 +193,12 @@ class CurvatureCallback(Callback):
                 "(or 'ddp_spawn', any number of nodes) or a single device."
             )
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start, self._last_batch_end = self._timer(), None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._last_batch_end = self._timer()  # the epoch's training time excludes epoch-end hooks
+
     # ------------------------------------------------------------------ helpers for subclasses
 
     def _should_run(self, trainer: pl.Trainer) -> bool:
@@ -166,16 +206,78 @@ class CurvatureCallback(Callback):
             return False
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
-    def _analysis_data(self, trainer: pl.Trainer) -> DataLoader | list[Any]:
-        rank, world = trainer.global_rank, trainer.world_size
+    def _analysis_data(self, trainer: pl.Trainer) -> list[Any]:
+        """This process's analysis micro-batches: read once (seeded, isolated), then kept.
+
+        Idempotent: the first call (fit start, or the first evaluation) reads the set
+        (:meth:`AnalysisSet.materialize`); every later call returns the same batches.
+        """
+        seconds_before = self.analysis.read_seconds if self.analysis.materialized else None
+        batches = self._materialize(trainer)
+        if trainer.is_global_zero and seconds_before is None:
+            where = "GPU" if batches and _on_cuda(batches[0]) else "host memory"
+            progress_logger().info(
+                f"{type(self).__name__}: analysis set read once: {self.analysis.num_samples} samples in "
+                f"{len(batches)} micro-batches, {self.analysis.nbytes / 2**20:.1f} MiB per process, kept in "
+                f"{where} ({self.analysis.read_seconds:.1f} s)"
+            )
+        return batches
+
+    def _materialize(self, trainer: pl.Trainer) -> list[Any]:
+        dataset, template, loader = self._analysis_source(trainer)
+        return self.analysis.materialize(
+            dataset,
+            template,
+            trainer.global_rank,
+            trainer.world_size,
+            explicit_loader=loader,
+            device=trainer.strategy.root_device,
+        )
+
+    def _analysis_source(self, trainer: pl.Trainer) -> tuple[Any, DataLoader | None, DataLoader | None]:
+        """``(dataset, collate template, explicit loader)`` the analysis set is read from."""
         if self.dataloader is not None:
-            return self.analysis.loader(None, None, rank, world, explicit_loader=self.dataloader)
-        template = None
+            return None, None, self.dataloader
+        if self.dataset is None and trainer.train_dataloader is None and trainer.state.fn == "fit":
+            trainer.fit_loop.setup_data()  # called before on_train_start: load the train loader now, once
+        template = _plain_dataloader(trainer.train_dataloader)
         dataset = self.dataset
         if dataset is None:
-            template = _plain_dataloader(trainer.train_dataloader)
             dataset = template.dataset if template is not None else None
-        return self.analysis.loader(dataset, template, rank, world)
+        elif template is not None and template.dataset is not dataset:
+            template = None  # an explicit dataset is collated with the default collate_fn
+        return dataset, template, None
+
+    def _progress(self, trainer: pl.Trainer, total: int, unit: str) -> Any:
+        """A progress bar over ``total`` units (rank zero, ``progress_bar=True``); yields ``advance(n)``."""
+        enabled = self.progress_bar and trainer.is_global_zero
+        return evaluation_bar(enabled, total, f"{type(self).__name__} epoch {trainer.current_epoch}", unit)
+
+    @staticmethod
+    def _counting(op: Any, advance: Any) -> Any:
+        return CountingOperator(op, advance)
+
+    def _report(self, trainer: pl.Trainer, values: dict[str, float]) -> None:
+        """One INFO record on the ``lightning_hessian`` logger (rank zero): what ran, how long."""
+        if not trainer.is_global_zero:
+            return
+        seconds = float(values.get("seconds", math.nan))
+        if "num_hvps" in values:
+            work, failed = f"{int(values['num_hvps'])} HVPs", values["num_hvps"] == 0
+        elif "num_forward_passes" in values:
+            count = getattr(self, "num_directions", None)
+            work = f"{int(values['num_forward_passes'])} forward passes" + (f" ({count} directions)" if count else "")
+            failed = values["num_forward_passes"] == 0
+        else:
+            work, failed = "evaluation", False
+        reference = None
+        if self._epoch_start is not None:
+            end = self._last_batch_end if self._last_batch_end is not None else self._timer() - seconds
+            reference = end - self._epoch_start
+        message = summarize_evaluation(
+            type(self).__name__, f"epoch {trainer.current_epoch}", work, seconds, reference, failed
+        )
+        progress_logger().info(message)
 
     def _loss_kwargs(self) -> dict[str, Any]:
         if self.batch_loss is not None:
@@ -207,6 +309,7 @@ class CurvatureCallback(Callback):
         return reduce_sum
 
     def _log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+        self._report(trainer, values)
         to_logger = bool(trainer.loggers)
         for name, value in values.items():
             # identical on every rank by construction: no sync needed
@@ -219,16 +322,6 @@ class CurvatureCallback(Callback):
                 logger=to_logger,
                 sync_dist=False,
             )
-
-    def _tensorboard_experiments(self, trainer: pl.Trainer) -> list[Any]:
-        experiments = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not experiments and not self._warned_no_tensorboard and trainer.loggers:
-            self._warned_no_tensorboard = True
-            rank_zero_warn(
-                f"{type(self).__name__}: no TensorBoardLogger among the trainer's loggers; scalars "
-                "are logged, histograms and figures are skipped."
-            )
-        return experiments if trainer.global_rank == 0 else []
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], Any]:
         """The evaluation proper: metric values and the estimate object (subclasses)."""

@@ -12,7 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_hessian.callbacks._analysis_set import DEFAULT_MAX_ANALYSIS_BYTES
 from lightning_hessian.callbacks._base import CurvatureCallback
+from lightning_hessian.callbacks._logging import density_figure, density_histogram
 from lightning_hessian.density import SpectralDensity, spectral_density
 from lightning_hessian.operators import HessianOperator
 from lightning_hessian.sharp_drop import TraceSharpDropDetector
@@ -40,8 +42,10 @@ class HessianMonitor(CurvatureCallback):
     * ``top_eigenvalue`` (and ``top_eigenvalue_{i}`` for ``top_k > 1``), ``min_eigenvalue``:
       extreme Ritz values (lower/upper bounds that converge fast), with Ritz residuals;
     * ``negative_mass``: estimated fraction of negative eigenvalues;
-    * the density :math:`\hat\phi(t)`: a TensorBoard histogram (``add_histogram_raw``; counts are
-      eigenvalue counts ``n * mass`` per bin) and, with matplotlib, a log-scale figure.
+    * the density :math:`\hat\phi(t)`: a histogram whose counts are eigenvalue counts ``n * mass``
+      per bin, and, with matplotlib, a log-scale figure, sent to TensorBoard
+      (``add_histogram_raw``, ``add_figure``), W&B (``wandb.Histogram`` of at most 512 bins,
+      ``wandb.Image``) and MLflow (JSON and PNG artifacts) loggers.
 
     Scalars go through ``pl_module.log`` under ``prefix`` (``hessian/trace``,
     ``hessian/trace_stderr``, ``hessian/top_eigenvalue``, ``hessian/min_eigenvalue``,
@@ -68,8 +72,9 @@ class HessianMonitor(CurvatureCallback):
         every_n_epochs: Analyse every this many training epochs.
         analysis_fraction: Fraction of the training dataset in the analysis set (paper: 0.1).
         max_samples: Cap on the analysis set's size (required for an ``IterableDataset``).
-        analysis_batch_size: Micro-batch size of the analysis loader (bounds memory).
-        seed: Seed of the analysis subset and of the probe vectors.
+        analysis_batch_size: Micro-batch size of the analysis set (bounds memory).
+        seed: Any integer in ``[0, 2**63)`` (Python or NumPy integers). Seed of the analysis
+            subset and of the probe vectors.
         dataset: Analyse this dataset instead of the trainer's training dataset.
         dataloader: Analyse exactly these batches (no subsampling) instead.
         loss_fn: ``loss_fn(pl_module(inputs), targets)`` for ``(inputs, targets)`` batches; default
@@ -90,7 +95,7 @@ class HessianMonitor(CurvatureCallback):
         hvp_precision: ``"model"`` computes HVPs in the parameters' dtype; ``"float64"`` on float64
             copies (:class:`~lightning_hessian.HessianOperator`'s ``compute_dtype``), which removes
             the float32 rounding floor (~1e-6 relative on eigenvalues) at a higher cost.
-        log_density: Write the density histogram / figure to TensorBoard loggers.
+        log_density: Send the density histogram / figure to TensorBoard, W&B and MLflow loggers.
         detect_sharp_drop: Feed the trace to the sharp-drop detector and log its flag.
         stop_on_sharp_drop: Stop training after a confirmed sharp drop.
         sharp_drop_patience: Epochs after the drop's middle before stopping.
@@ -106,6 +111,15 @@ class HessianMonitor(CurvatureCallback):
             ``"raise"``: it propagates. Configuration errors always raise before the first
             training step (the dry run at ``on_train_start``: analysis set, loss and one HVP on
             one analysis micro-batch).
+        progress_bar: Show a tqdm bar over the Lanczos HVPs of evaluations that last more than 2 s
+            (rank zero). Every evaluation also logs one INFO record on the ``lightning_hessian``
+            logger, e.g. ``HessianMonitor epoch 3: 120 HVPs in 4.2 s (0.8x the epoch)``.
+        max_analysis_bytes: Host-memory budget of the analysis set per process (default 1 GiB).
+            The set is read once, before the first training step, with the global RNGs (and the
+            dataset's own generators) seeded per sample from ``seed`` and restored afterwards, and
+            its collated micro-batches are kept for the whole run (on a CUDA device when they take
+            at most 10% of its free memory): random augmentation is frozen at that seeded draw, and
+            a resumed run reads the same tensors. A larger set raises ``ValueError`` at fit start.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -141,6 +155,8 @@ class HessianMonitor(CurvatureCallback):
         prefix: str = "hessian/",
         batch_size_fn: Callable[[Any], float] | None = None,
         on_error: Literal["warn", "raise"] = "warn",
+        progress_bar: bool = False,
+        max_analysis_bytes: int = DEFAULT_MAX_ANALYSIS_BYTES,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -155,6 +171,8 @@ class HessianMonitor(CurvatureCallback):
             prefix=prefix,
             batch_size_fn=batch_size_fn,
             on_error=on_error,
+            max_analysis_bytes=max_analysis_bytes,
+            progress_bar=progress_bar,
         )
         for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("top_k", top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -230,14 +248,15 @@ class HessianMonitor(CurvatureCallback):
         data = self._analysis_data(trainer)
         op = self._operator(pl_module, data, self._all_reduce(trainer))
         probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)
-        sd = spectral_density(
-            op,
-            num_runs=self.num_runs,
-            num_steps=self.num_steps,
-            seed=probe_seed,
-            basis_dtype=getattr(torch, self.lanczos_basis_dtype),
-            basis_device="cpu" if self.lanczos_basis_on_cpu else None,
-        )
+        with self._progress(trainer, self.num_runs * self.num_steps, "HVP") as advance:
+            sd = spectral_density(
+                self._counting(op, advance),
+                num_runs=self.num_runs,
+                num_steps=self.num_steps,
+                seed=probe_seed,
+                basis_dtype=getattr(torch, self.lanczos_basis_dtype),
+                basis_device="cpu" if self.lanczos_basis_on_cpu else None,
+            )
         top_values, top_residuals = sd.top_ritz_values(self.top_k)
         bottom_values, _ = sd.bottom_ritz_values(1)
         values: dict[str, float] = {
@@ -308,33 +327,11 @@ class HessianMonitor(CurvatureCallback):
     # ------------------------------------------------------------------ density logging
 
     def _log_density(self, trainer: pl.Trainer, sd: SpectralDensity, epoch: int) -> None:
-        experiments = self._tensorboard_experiments(trainer)
-        if not experiments:
-            return
-        step = trainer.global_step
-        n = sd.num_params
-        nodes, weights = sd.measure()
-        edges = sd.grid
-        mass = sd.density * (edges[1] - edges[0])
-        counts = (mass * n).tolist()
-        limits = edges.tolist()
-        total = float((weights * nodes).sum() * n)
-        squares = float((weights * nodes * nodes).sum() * n)
-        figure = _density_figure(sd, epoch)
-        for experiment in experiments:
-            experiment.add_histogram_raw(
-                f"{self.prefix}eigenvalue_density",
-                min=float(nodes.min()),
-                max=float(nodes.max()),
-                num=n,
-                sum=total,
-                sum_squares=squares,
-                bucket_limits=limits,
-                bucket_counts=counts,
-                global_step=step,
-            )
-            if figure is not None:
-                experiment.add_figure(f"{self.prefix}eigenvalue_density_plot", figure, global_step=step, close=False)
+        self._publisher.publish(
+            trainer,
+            histograms={f"{self.prefix}eigenvalue_density": density_histogram(sd)},
+            figures={f"{self.prefix}eigenvalue_density_plot": lambda: density_figure(sd, epoch)},
+        )
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -354,21 +351,3 @@ class HessianMonitor(CurvatureCallback):
             self.detector.load_state_dict(state_dict["detector"])
         self.stopped_epoch = state_dict.get("stopped_epoch")
 
-
-def _density_figure(sd: SpectralDensity, epoch: int) -> Any:
-    """Log-scale density plot, or ``None`` without matplotlib."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: the user's backend is never touched
-    except ImportError:
-        return None
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    floor = 1e-12
-    ax.semilogy(sd.grid.numpy(), (sd.density.clamp_min(floor)).numpy())
-    ax.set_ylim(bottom=max(floor, float(sd.density.max()) * 1e-8))
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density (log scale)")
-    ax.set_title(f"Hessian eigenvalue density, epoch {epoch}")
-    ax.axvline(0.0, color="grey", lw=0.5)
-    fig.tight_layout()
-    return fig

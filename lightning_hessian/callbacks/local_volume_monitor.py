@@ -14,8 +14,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_hessian.callbacks._analysis_set import _plain_dataloader
+from lightning_hessian.callbacks._analysis_set import (
+    DEFAULT_MAX_ANALYSIS_BYTES,
+    _plain_dataloader,
+)
 from lightning_hessian.callbacks._base import CurvatureCallback
+from lightning_hessian.callbacks._logging import Histogram
 from lightning_hessian.optim_state import param_groups, unwrap_optimizer
 from lightning_hessian.volume import (
     MissingOptimizerStateError,
@@ -127,7 +131,7 @@ class LocalVolumeMonitor(CurvatureCallback):
     ``volume/num_capped``, ``volume/num_unconverged``, ``volume/num_forward_passes``,
     ``volume/seconds``, ``volume/effective_sample_size``, ``volume/top_weight_share``,
     ``volume/log_volume_lower_bound``, ``volume/num_flat``), so every logger and ``trainer.callback_metrics`` see them; the
-    per-direction log radii go to TensorBoard loggers as the histogram ``volume/log_radii``.
+    per-direction log radii go to TensorBoard, W&B and MLflow loggers as the histogram ``volume/log_radii``.
 
     Training is never affected: RNG streams (python, numpy, torch, CUDA), BatchNorm buffers,
     train/eval flags, ``.grad`` and optimizer state are restored or untouched, so final weights
@@ -140,8 +144,9 @@ class LocalVolumeMonitor(CurvatureCallback):
         every_n_epochs: Analyse every this many training epochs.
         analysis_fraction: Fraction of the training dataset in the analysis set (paper: 0.1).
         max_samples: Cap on the analysis set's size (required for an ``IterableDataset``).
-        analysis_batch_size: Micro-batch size of the analysis loader (bounds memory).
-        seed: Seed of the analysis subset and of the directions (the same directions every epoch,
+        analysis_batch_size: Micro-batch size of the analysis set (bounds memory).
+        seed: Any integer in ``[0, 2**63)`` (Python or NumPy integers). Seed of the analysis
+            subset and of the directions (the same directions every epoch,
             so that epoch-to-epoch changes come from the weights).
         dataset: Analyse this dataset instead of the trainer's training dataset.
         dataloader: Analyse exactly these batches (no subsampling) instead.
@@ -176,6 +181,15 @@ class LocalVolumeMonitor(CurvatureCallback):
             :class:`~lightning_hessian.callbacks.HessianMonitor`. Configuration errors raise
             before the first training step (the dry run at ``on_train_start``: analysis set,
             anchor outputs and a few cost evaluations along one direction on one micro-batch).
+        progress_bar: Show a tqdm bar over the directions of evaluations that last more than 2 s
+            (rank zero). Every evaluation also logs one INFO record on the ``lightning_hessian``
+            logger, e.g. ``LocalVolumeMonitor epoch 3: 2140 forward passes (100 directions) in 1.3 s (0.4x the epoch)``.
+        max_analysis_bytes: Host-memory budget of the analysis set per process (default 1 GiB).
+            The set is read once, before the first training step, with the global RNGs (and the
+            dataset's own generators) seeded per sample from ``seed`` and restored afterwards, and
+            its collated micro-batches are kept for the whole run (on a CUDA device when they take
+            at most 10% of its free memory): random augmentation is frozen at that seeded draw, and
+            a resumed run reads the same tensors. A larger set raises ``ValueError`` at fit start.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -214,6 +228,8 @@ class LocalVolumeMonitor(CurvatureCallback):
         prefix: str = "volume/",
         batch_size_fn: Callable[[Any], float] | None = None,
         on_error: Literal["warn", "raise"] = "warn",
+        progress_bar: bool = False,
+        max_analysis_bytes: int = DEFAULT_MAX_ANALYSIS_BYTES,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -228,6 +244,8 @@ class LocalVolumeMonitor(CurvatureCallback):
             prefix=prefix,
             batch_size_fn=batch_size_fn,
             on_error=on_error,
+            max_analysis_bytes=max_analysis_bytes,
+            progress_bar=progress_bar,
         )
         if not (callable(cost) or (isinstance(cost, str) and cost in ("kl", "gaussian", "loss"))):
             raise ValueError(f"`cost` must be 'kl', 'gaussian', 'loss' or a callable, got {cost!r}.")
@@ -440,9 +458,9 @@ class LocalVolumeMonitor(CurvatureCallback):
 
     # ------------------------------------------------------------------ data
 
-    def _analysis_data(self, trainer: pl.Trainer) -> DataLoader | list[Any]:
+    def _analysis_source(self, trainer: pl.Trainer) -> tuple[Any, DataLoader | None, DataLoader | None]:
         if self.data != "val":
-            return super()._analysis_data(trainer)
+            return super()._analysis_source(trainer)
         loaders = trainer.val_dataloaders
         if loaders is None:  # validation has not run yet in this fit: set its loader up as Lightning does
             trainer.fit_loop.epoch_loop.val_loop.setup_data()
@@ -452,7 +470,7 @@ class LocalVolumeMonitor(CurvatureCallback):
             template = loaders[0]  # several validation loaders: the first one
         if template is None:
             raise VolumeComputationError("data='val': the trainer has no validation DataLoader to analyse.")
-        return self.analysis.loader(template.dataset, template, trainer.global_rank, trainer.world_size)
+        return template.dataset, template, None
 
     # ------------------------------------------------------------------ computation
 
@@ -509,13 +527,15 @@ class LocalVolumeMonitor(CurvatureCallback):
                 # Said once, on rank zero, by this callback instead (fit start / after the evaluation).
                 warnings.filterwarnings("ignore", message=r"preconditioner=.*non-Adam optimizer")
                 warnings.filterwarnings("ignore", message=r"local_volume: .* exactly flat")
-                est = local_volume(
-                    pl_module,
-                    data,
-                    optimizer=optimizers,
-                    all_reduce=self._all_reduce(trainer),
-                    **self._volume_kwargs(),
-                )
+                with self._progress(trainer, self.num_directions, "direction") as advance:
+                    est = local_volume(
+                        pl_module,
+                        data,
+                        optimizer=optimizers,
+                        all_reduce=self._all_reduce(trainer),
+                        progress=advance,
+                        **self._volume_kwargs(),
+                    )
         except MissingOptimizerStateError as err:
             # Known at an evaluation only (Adam's state is lazy): a warning and NaN, not a crash.
             raise VolumeComputationError(str(err)) from None
@@ -566,12 +586,9 @@ class LocalVolumeMonitor(CurvatureCallback):
         )
 
     def _log_radii(self, trainer: pl.Trainer, est: VolumeEstimate) -> None:
-        experiments = self._tensorboard_experiments(trainer)
         log_radii = est.log_radii.detach().cpu().to(torch.float64)
-        if not experiments or not torch.isfinite(log_radii).all():
-            return
-        for experiment in experiments:
-            experiment.add_histogram(f"{self.prefix}log_radii", log_radii, global_step=trainer.global_step)
+        if torch.isfinite(log_radii).all():
+            self._publisher.publish(trainer, histograms={f"{self.prefix}log_radii": Histogram.of_samples(log_radii)})
 
     # ------------------------------------------------------------------ checkpointing
 

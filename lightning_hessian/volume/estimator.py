@@ -112,6 +112,7 @@ def local_volume(
     max_evaluations: int = 100,
     seed: int | torch.Generator | None = 0,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> VolumeEstimate:
     r"""Estimate the local volume (or prior probability) of the behavioural neighbourhood of ``model``.
 
@@ -252,6 +253,9 @@ def local_volume(
             passes its own shard of the analysis data; every cost evaluation then performs one
             collective of ``J + 1`` numbers, and all processes find identical radii and estimates.
             Pass the same integer ``seed`` everywhere (with ``seed=None`` the drawn seeds are summed).
+        progress: Called after each group of directions with the number of directions finished
+            (e.g. a progress bar's ``update``); it adds up to ``num_directions`` (with several
+            candidate preconditioners, ``preconditioner_eps="auto"``, each counts its share).
 
     Returns:
         A :class:`VolumeEstimate`.
@@ -319,7 +323,8 @@ def local_volume(
         candidates, hvps, passes = _candidates(config, optimizer, evaluator, names, params, aux_generator, all_reduce)
         setup = _setup(config, evaluator, theta, names, log_s, base_seed)
         flat, flat_passes = _flat(setup, aux_generator, all_reduce)
-        searches = [(candidate, _search(setup, candidate)) for candidate in candidates]
+        share = None if progress is None else _shared(progress, len(candidates))
+        searches = [(candidate, _search(setup, candidate, share)) for candidate in candidates]
     estimates = [_estimate(setup, candidate, search, flat) for candidate, search in searches]
     best = max(range(len(estimates)), key=lambda i: _order(estimates[i].log_volume))
     result = estimates[best]
@@ -456,7 +461,14 @@ def _flat(
     return counts, passes
 
 
-def _search(setup: _Setup, candidate: _Candidate) -> RadiiSearch:
+def _shared(progress: Callable[[float], None], parts: int) -> Callable[[float], None]:
+    """``progress`` with counts divided among ``parts`` searches (so they add up to ``num_directions``)."""
+    if parts == 1:
+        return progress
+    return lambda count: progress(count / parts)
+
+
+def _search(setup: _Setup, candidate: _Candidate, progress: Callable[[float], None] | None = None) -> RadiiSearch:
     config = setup.config
     return search_radii(
         setup.evaluator,
@@ -472,6 +484,7 @@ def _search(setup: _Setup, candidate: _Candidate) -> RadiiSearch:
         max_evaluations=config.max_evaluations,
         root_finder=config.root_finder,
         inv_prior_var=None if setup.log_s is None else torch.exp(-2.0 * setup.log_s),
+        progress=progress,
     )
 
 

@@ -10,6 +10,7 @@ between two trial points is not seen (no estimator can guarantee more without sc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,10 +62,12 @@ def search_radii(
     max_evaluations: int,
     root_finder: str,
     inv_prior_var: Tensor | None,
+    progress: Callable[[float], None] | None = None,
 ) -> RadiiSearch:
     """Draw ``num_directions`` directions in groups of ``per_batch`` and find their radii.
 
-    Later groups start from the median log radius found so far.
+    Later groups start from the median log radius found so far; ``progress(count)`` is called
+    after each group with the number of directions it finished.
 
     Raises:
         VolumeComputationError: The cost is NaN along some direction.
@@ -109,6 +112,8 @@ def search_radii(
             prior_a.append((v_hat * v_hat * inv_prior_var).sum(dim=1).cpu())
             prior_b.append((v_hat * theta * inv_prior_var).sum(dim=1).cpu())
         del v_hat, group
+        if progress is not None:
+            progress(count)
     return RadiiSearch(
         torch.cat(log_radii),
         torch.cat(log_norms),
