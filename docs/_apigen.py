@@ -46,14 +46,29 @@ def _is_package(name: str) -> bool:
 def _kind(obj: Any) -> str:
     if inspect.isclass(obj):
         return "exception" if issubclass(obj, BaseException) else "class"
-    if callable(obj):
+    if inspect.isroutine(obj):
         return "function"
     return "data"
 
 
-def _summary(obj: Any) -> str:
-    doc = inspect.getdoc(obj) or ""
+def _summary(obj: Any, module_name: str, name: str) -> str:
+    """First paragraph of the docstring; for data, of its ``#:`` comment or string after it."""
+    if _kind(obj) == "data":
+        doc = _attribute_docs(getattr(obj, "__module__", None) or module_name, name)
+        doc = doc or _attribute_docs(module_name, name)
+    else:
+        doc = inspect.getdoc(obj) or ""
     return doc.strip().split("\n\n")[0].replace("\n", " ")
+
+
+def _attribute_docs(module_name: str, name: str) -> str:
+    try:
+        from sphinx.pycode import ModuleAnalyzer  # only present where the docs are built
+
+        docs = ModuleAnalyzer.for_module(module_name).find_attr_docs()
+    except Exception:  # noqa: BLE001 (no Sphinx, no source: the summary is just left empty)
+        return ""
+    return "\n".join(docs.get(("", name), []))
 
 
 def _write(path: Path, text: str) -> None:
@@ -83,7 +98,8 @@ def _namespace_page(module_name: str, entries: list[tuple[str, str, Any, bool]],
         lines += [doc, ""]
     lines += [".. list-table::", "   :widths: 30 70", ""]
     for name, full_name, obj, _ in entries:
-        lines += [f"   * - :py:obj:`{name} <{full_name}>`", f"     - {_summary(obj) or ' '}"]
+        summary = _summary(obj, module_name, name) or " "
+        lines += [f"   * - :py:obj:`{name} <{full_name}>`", f"     - {summary}"]
     new = [full_name for _, full_name, _, is_new in entries if is_new]
     if new:
         lines += ["", ".. toctree::", "   :hidden:", ""]
@@ -223,17 +239,20 @@ def resolve_reexported(app: Any, env: Any, node: Any, contnode: Any) -> Any:
 _ORIGINAL_DOCSTRINGS: dict[str, list[str]] = {}
 
 
+_PROSE_KINDS = {"property", "data", "attribute"}
+
+
 def remember_property_docstring(app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
-    """Before napoleon: keep a property's docstring as written."""
-    if what == "property":
+    """Before napoleon: keep a property's (or constant's) docstring as written."""
+    if what in _PROSE_KINDS:
         _ORIGINAL_DOCSTRINGS[name] = list(lines)
 
 
 def restore_property_docstring(app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
     """After napoleon: undo its "type: description" reading of a property's first line.
 
-    The code's property docstrings are prose ("Dtype in which products are computed: ..."); the
-    type is the return annotation, which autodoc already shows.
+    The code's property and constant docstrings are prose ("Dtype in which products are computed:
+    ...", "Default ρ: ..."); the type is the annotation, which autodoc already shows.
     """
-    if what == "property" and name in _ORIGINAL_DOCSTRINGS:
+    if what in _PROSE_KINDS and name in _ORIGINAL_DOCSTRINGS:
         lines[:] = _ORIGINAL_DOCSTRINGS.pop(name)
