@@ -54,11 +54,36 @@ def _kind(obj: Any) -> str:
 def _summary(obj: Any, module_name: str, name: str) -> str:
     """First paragraph of the docstring; for data, of its ``#:`` comment or string after it."""
     if _kind(obj) == "data":
-        doc = _attribute_docs(getattr(obj, "__module__", None) or module_name, name)
-        doc = doc or _attribute_docs(module_name, name)
+        # A constant has no ``__module__``: look for its documentation comment in every module
+        # that binds the name (it is usually defined in a submodule and re-exported).
+        doc = next((d for m in [module_name, *_modules_binding(name, obj)] if (d := _attribute_docs(m, name))), "")
     else:
         doc = inspect.getdoc(obj) or ""
     return doc.strip().split("\n\n")[0].replace("\n", " ")
+
+
+def _modules_binding(name: str, obj: Any) -> list[str]:
+    found = []
+    for module_name in _public_modules() + _private_modules():
+        module = importlib.import_module(module_name)
+        if getattr(module, name, None) is obj:
+            found.append(module_name)
+    return found
+
+
+def _private_modules() -> list[str]:
+    package = importlib.import_module(PACKAGE)
+    return [
+        info.name
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{PACKAGE}.")
+        if info.name not in _SKIP_MODULES and any(part.startswith("_") for part in info.name.split("."))
+    ]
+
+
+def _identity(name: str, obj: Any) -> tuple[str, int]:
+    """What "the same object" means: classes and functions by identity; constants also by name
+    (small ints and interned strings are shared by unrelated constants)."""
+    return ("", id(obj)) if inspect.isclass(obj) or inspect.isroutine(obj) else (name, id(obj))
 
 
 def _attribute_docs(module_name: str, name: str) -> str:
@@ -110,7 +135,7 @@ def _namespace_page(module_name: str, entries: list[tuple[str, str, Any, bool]],
 def generate(out_dir: Path) -> list[str]:
     """Write the API pages into ``out_dir``; returns the namespace pages' names (for the index)."""
     (out_dir / "modules").mkdir(parents=True, exist_ok=True)
-    documented: dict[int, str] = {}
+    documented: dict[tuple[str, int], str] = {}
     pages: list[str] = []
     written: set[str] = set()
     for module_name in _public_modules():
@@ -124,11 +149,12 @@ def generate(out_dir: Path) -> list[str]:
             full_name = f"{module_name}.{name}"
             if inspect.ismodule(obj):
                 continue
-            if id(obj) in documented:
-                _ALIASES.setdefault(full_name, documented[id(obj)])
-                entries.append((name, documented[id(obj)], obj, False))
+            key = _identity(name, obj)
+            if key in documented:
+                _ALIASES.setdefault(full_name, documented[key])
+                entries.append((name, documented[key], obj, False))
                 continue
-            documented[id(obj)] = full_name
+            documented[key] = full_name
             entries.append((name, full_name, obj, True))
             _write(out_dir / f"{full_name}.rst", _object_page(full_name, _kind(obj)))
             written.add(f"{full_name}.rst")
