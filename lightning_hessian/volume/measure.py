@@ -21,7 +21,7 @@ from torch import Tensor
 __all__ = ["gaussian_log_contributions", "lebesgue_log_contributions", "log_radial_gaussian_integral", "log_sphere_area"]
 
 def log_sphere_area(n: int) -> float:
-    """log |S^{n-1}| = log 2 + (n/2) log pi - lgamma(n/2)."""
+    r""":math:`\log|S^{n-1}| = \log 2 + \tfrac n2 \log\pi - \log\Gamma(\tfrac n2)`."""
     return math.log(2.0) + 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n)
 
 
