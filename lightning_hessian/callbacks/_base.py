@@ -34,6 +34,7 @@ from lightning_hessian.callbacks._progress import (
     progress_logger,
     summarize_evaluation,
 )
+from lightning_hessian.callbacks._schedule import EvaluationSchedule
 from lightning_hessian.errors import HessianComputationError
 from lightning_hessian.operators._batches import _default_batch_size
 
@@ -123,7 +124,7 @@ class CurvatureCallback(Callback):
     def __init__(
         self,
         *,
-        every_n_epochs: int,
+        every_n_epochs: int | None,
         analysis_fraction: float,
         max_samples: int | None,
         analysis_batch_size: int,
@@ -137,9 +138,11 @@ class CurvatureCallback(Callback):
         on_error: OnError = "warn",
         max_analysis_bytes: int = DEFAULT_MAX_ANALYSIS_BYTES,
         progress_bar: bool = False,
+        every_n_train_steps: int | None = None,
+        max_overhead: float | None = None,
     ) -> None:
         super().__init__()
-        self.every_n_epochs = _check_positive_int("every_n_epochs", every_n_epochs)
+        self.schedule = EvaluationSchedule(every_n_epochs, every_n_train_steps, max_overhead, clock=self._timer)
         self.analysis_fraction = _check_fraction(analysis_fraction)
         self.max_samples = _check_positive_int("max_samples", max_samples, allow_none=True)
         self.analysis_batch_size = _check_positive_int("analysis_batch_size", analysis_batch_size)
@@ -196,15 +199,78 @@ class CurvatureCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start, self._last_batch_end = self._timer(), None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    # ------------------------------------------------------------------ scheduling
+
+    @property
+    def every_n_epochs(self) -> int | None:
+        """Epoch period of the evaluations (``None`` with ``every_n_train_steps``)."""
+        return self.schedule.every_n_epochs
+
+    @property
+    def every_n_train_steps(self) -> int | None:
+        """Step period of the evaluations (``None`` for an epoch schedule)."""
+        return self.schedule.every_n_train_steps
+
+    @property
+    def max_overhead(self) -> float | None:
+        """Budget of evaluation time as a fraction of training time (``None``: no budget)."""
+        return self.schedule.max_overhead
+
+    def _schedule_key(self) -> dict[str, Any]:
+        """The schedule's part of ``state_key`` (unchanged for epoch schedules)."""
+        if self.schedule.by_steps:
+            return {"every_n_train_steps": self.every_n_train_steps}
+        return {"every_n_epochs": self.every_n_epochs}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active(trainer) and self.schedule.due_at_epoch_end(trainer.current_epoch):
+            self._run_scheduled(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._last_batch_end = self._timer()  # the epoch's training time excludes epoch-end hooks
+        # After the optimizer step: trainer.global_step already counts it.
+        step = trainer.global_step
+        if self._active(trainer) and self.schedule.due_at_step(step):
+            self.schedule.mark_step(step)
+            self._run_scheduled(trainer, pl_module)
+
+    @staticmethod
+    def _active(trainer: pl.Trainer) -> bool:
+        return not (trainer.sanity_checking or getattr(trainer, "fast_dev_run", False))
+
+    def _run_scheduled(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A due evaluation: ask the budget (one decision for all ranks), then evaluate."""
+        run = self.schedule.within_budget()
+        if self.schedule.max_overhead is not None and trainer.world_size > 1:
+            run = bool(trainer.strategy.broadcast(run, src=0))  # rank 0's clock decides for all
+        if not run:
+            self.schedule.skip()
+            return
+        self.schedule.begin()
+        try:
+            self._evaluate(trainer, pl_module)
+        finally:
+            self.schedule.finish()
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One evaluation: compute, record, log (subclasses)."""
+        raise NotImplementedError
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+        """Add ``overhead``, append the history row (``epoch``, ``step``, values) and log the scalars."""
+        values["overhead"] = self.schedule.overhead()
+        self.history.append({"epoch": float(trainer.current_epoch), "step": float(trainer.global_step), **values})
+        self._log_scalars(trainer, pl_module, values)
+
+    def _schedule_state(self) -> dict[str, Any]:
+        return self.schedule.state_dict()
+
+    def _load_schedule_state(self, state_dict: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state_dict.get("schedule", {}))
 
     # ------------------------------------------------------------------ helpers for subclasses
-
-    def _should_run(self, trainer: pl.Trainer) -> bool:
-        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
-            return False
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _analysis_data(self, trainer: pl.Trainer) -> list[Any]:
         """This process's analysis micro-batches: read once (seeded, isolated), then kept.
@@ -275,7 +341,12 @@ class CurvatureCallback(Callback):
             end = self._last_batch_end if self._last_batch_end is not None else self._timer() - seconds
             reference = end - self._epoch_start
         message = summarize_evaluation(
-            type(self).__name__, f"epoch {trainer.current_epoch}", work, seconds, reference, failed
+            type(self).__name__,
+            f"step {trainer.global_step}" if self.schedule.by_steps else f"epoch {trainer.current_epoch}",
+            work,
+            seconds,
+            reference,
+            failed,
         )
         progress_logger().info(message)
 
@@ -310,18 +381,26 @@ class CurvatureCallback(Callback):
 
     def _log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
         self._report(trainer, values)
-        to_logger = bool(trainer.loggers)
+        by_steps = self.schedule.by_steps
+        # Step schedule: Lightning writes step metrics to loggers only every `log_every_n_steps`,
+        # so the values go to the loggers directly, at this global step, and through
+        # pl_module.log (logger=False) into trainer.callback_metrics.
+        to_logger = bool(trainer.loggers) and not by_steps
         for name, value in values.items():
             # identical on every rank by construction: no sync needed
             pl_module.log(
                 f"{self.prefix}{name}",
                 float(value),
-                on_step=False,
-                on_epoch=True,
+                on_step=by_steps,
+                on_epoch=not by_steps,
                 prog_bar=False,
                 logger=to_logger,
                 sync_dist=False,
             )
+        if by_steps and trainer.loggers:
+            metrics = {f"{self.prefix}{name}": float(value) for name, value in values.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], Any]:
         """The evaluation proper: metric values and the estimate object (subclasses)."""
@@ -335,6 +414,7 @@ class CurvatureCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run_dry_run(trainer, pl_module)
+        self.schedule.start()  # the budget's training clock starts after the dry run
 
     def _dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the analysis set and evaluate once on one micro-batch (subclasses)."""

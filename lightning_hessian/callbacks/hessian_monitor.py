@@ -62,6 +62,10 @@ class HessianMonitor(CurvatureCallback):
     patience=max_epochs, check_on_train_epoch_end=True)`` also works: it stops at the confirming
     evaluation (no patience after the middle). Its usual "no improvement" rule (``patience`` alone)
     would stop while the flag stays 0, so it must be used with ``stopping_threshold``.
+    Under ``every_n_train_steps`` the detector works in evaluation units: its windows count
+    evaluations (as always), ``hessian/trace_sharp_drop_step`` (the global step of the drop's
+    middle) replaces ``hessian/trace_sharp_drop_epoch``, and ``sharp_drop_patience`` counts
+    *evaluations* after the middle, i.e. ``sharp_drop_patience * every_n_train_steps`` steps.
 
     Training is never affected: RNG streams (python, numpy, torch, CUDA), BatchNorm buffers,
     train/eval flags, ``.grad`` and optimizer state are restored or untouched, so final weights
@@ -69,7 +73,16 @@ class HessianMonitor(CurvatureCallback):
     warning and NaN metrics for that epoch; training goes on.
 
     Args:
-        every_n_epochs: Analyse every this many training epochs.
+        every_n_epochs: Analyse at the end of every this many training epochs (default 1 when
+            ``every_n_train_steps`` is not given).
+        every_n_train_steps: Analyse instead after every this many optimizer steps (after the
+            optimizer step that brings ``trainer.global_step`` to a multiple of it; mutually
+            exclusive with ``every_n_epochs``, as in ``ModelCheckpoint``). Scalars are logged at
+            that step (``on_step=True``) and history rows carry ``"step"`` and ``"epoch"``.
+        max_overhead: Cost budget: skip scheduled evaluations so that the cumulative evaluation
+            time stays within ``max_overhead`` times the training time (the first scheduled
+            evaluation always runs; skipped ones log nothing). ``None``: no budget. Each
+            evaluation logs ``overhead``: its time over the training time since the previous one.
         analysis_fraction: Fraction of the training dataset in the analysis set (paper: 0.1).
         max_samples: Cap on the analysis set's size (required for an ``IterableDataset``).
         analysis_batch_size: Micro-batch size of the analysis set (bounds memory).
@@ -98,7 +111,8 @@ class HessianMonitor(CurvatureCallback):
         log_density: Send the density histogram / figure to TensorBoard, W&B and MLflow loggers.
         detect_sharp_drop: Feed the trace to the sharp-drop detector and log its flag.
         stop_on_sharp_drop: Stop training after a confirmed sharp drop.
-        sharp_drop_patience: Epochs after the drop's middle before stopping.
+        sharp_drop_patience: Epochs after the drop's middle before stopping (evaluations under
+            ``every_n_train_steps``).
         sharp_drop_kwargs: Keyword arguments of :class:`~lightning_hessian.TraceSharpDropDetector`.
         prefix: Metric name prefix.
         batch_size_fn: ``batch_size_fn(batch) -> weight`` of an analysis micro-batch: the number of
@@ -130,7 +144,7 @@ class HessianMonitor(CurvatureCallback):
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
         analysis_fraction: float = 0.1,
         max_samples: int | None = None,
         analysis_batch_size: int = 256,
@@ -152,6 +166,8 @@ class HessianMonitor(CurvatureCallback):
         stop_on_sharp_drop: bool = False,
         sharp_drop_patience: int = 0,
         sharp_drop_kwargs: dict[str, Any] | None = None,
+        every_n_train_steps: int | None = None,
+        max_overhead: float | None = None,
         prefix: str = "hessian/",
         batch_size_fn: Callable[[Any], float] | None = None,
         on_error: Literal["warn", "raise"] = "warn",
@@ -173,6 +189,8 @@ class HessianMonitor(CurvatureCallback):
             on_error=on_error,
             max_analysis_bytes=max_analysis_bytes,
             progress_bar=progress_bar,
+            every_n_train_steps=every_n_train_steps,
+            max_overhead=max_overhead,
         )
         for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("top_k", top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -206,11 +224,12 @@ class HessianMonitor(CurvatureCallback):
             raise ValueError(f"`sharp_drop_kwargs` has an unknown argument: {err}") from None
         self.last_density: SpectralDensity | None = None
         self.stopped_epoch: int | None = None
+        self.stopped_step: int | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            every_n_epochs=self.every_n_epochs,
+            **self._schedule_key(),
             analysis_fraction=self.analysis_fraction,
             seed=self.seed,
             num_runs=self.num_runs,
@@ -282,45 +301,72 @@ class HessianMonitor(CurvatureCallback):
         values["seconds"] = seconds
         return values
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._should_run(trainer):
-            return
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         values, sd = self._guarded_compute(trainer, pl_module, "curvature computation")
         self.last_density = sd
+        # the detector's clock: epochs, or evaluation indices under a step schedule
+        when = len(self.history) if self.schedule.by_steps else epoch
         if self.detect_sharp_drop:
-            self._update_sharp_drop(trainer, epoch, values)
-        self.history.append({"epoch": float(epoch), **values})
-        self._log_scalars(trainer, pl_module, values)
+            self._update_sharp_drop(trainer, when, values)
+        self._record(trainer, pl_module, values)
         if sd is not None and self.log_density:
             self._log_density(trainer, sd, epoch)
         if self.stop_on_sharp_drop:
-            self._maybe_stop(trainer, epoch)
+            self._maybe_stop(trainer, when)
+
+    def _label(self, when: int | None) -> str:
+        """An evaluation's position for messages: its epoch, or its global step under a step schedule."""
+        if when is None:
+            return "none"
+        if self.schedule.by_steps:
+            return f"step {self._step_of(when):.0f}"
+        return f"epoch {when}"
+
+    def _step_of(self, index: int | None) -> float:
+        """Global step of the ``index``-th evaluation (step schedules; NaN if unknown)."""
+        if index is None or not 0 <= index < len(self.history):
+            return math.nan
+        return float(self.history[index].get("step", math.nan))
 
     # ------------------------------------------------------------------ sharp drop
 
-    def _update_sharp_drop(self, trainer: pl.Trainer, epoch: int, values: dict[str, float]) -> None:
+    def _update_sharp_drop(self, trainer: pl.Trainer, when: int, values: dict[str, float]) -> None:
         trace, stderr = values["trace"], values["trace_stderr"]
-        confirmed = self.detector.update(epoch, trace, stderr if math.isfinite(stderr) else None)
-        if confirmed:
-            rank_zero_info(
-                f"HessianMonitor: sharp drop of the Hessian trace confirmed at epoch {epoch}: it began at "
-                f"epoch {self.detector.drop_start_epoch}, middle at epoch {self.detector.drop_middle_epoch}, "
-                f"size {self.detector.drop_size:.1%} of its pre-drop level."
-            )
+        confirmed = self.detector.update(when, trace, stderr if math.isfinite(stderr) else None)
         values["trace_sharp_drop"] = 1.0 if self.detector.flagged else 0.0
         middle = self.detector.drop_middle_epoch
-        values["trace_sharp_drop_epoch"] = float(middle) if middle is not None else math.nan
+        if self.schedule.by_steps:
+            # the running evaluation is not in the history yet: its step is the current one
+            step = float(trainer.global_step) if middle == len(self.history) else self._step_of(middle)
+            values["trace_sharp_drop_step"] = step
+        else:
+            values["trace_sharp_drop_epoch"] = float(middle) if middle is not None else math.nan
+        if confirmed:
+            now = f"step {trainer.global_step}" if self.schedule.by_steps else f"epoch {when}"
+            if self.schedule.by_steps:
+                middle_text = f"step {values['trace_sharp_drop_step']:.0f}"
+            else:
+                middle_text = f"epoch {middle}"
+            rank_zero_info(
+                f"HessianMonitor: sharp drop of the Hessian trace confirmed at {now}: it began at "
+                f"{self._label(self.detector.drop_start_epoch)}, middle at {middle_text}, "
+                f"size {self.detector.drop_size:.1%} of its pre-drop level."
+            )
 
-    def _maybe_stop(self, trainer: pl.Trainer, epoch: int) -> None:
+    def _maybe_stop(self, trainer: pl.Trainer, when: int) -> None:
+        # `when` and the middle are epochs, or evaluation indices under a step schedule, so the
+        # patience counts epochs, or evaluations.
         middle = self.detector.drop_middle_epoch
-        local = bool(self.detector.flagged and middle is not None and epoch >= middle + self.sharp_drop_patience)
+        local = bool(self.detector.flagged and middle is not None and when >= middle + self.sharp_drop_patience)
         should_stop = trainer.strategy.reduce_boolean_decision(local, all=False)
         if should_stop and not trainer.should_stop:
-            self.stopped_epoch = epoch
+            self.stopped_epoch = trainer.current_epoch
+            self.stopped_step = trainer.global_step
+            unit = "evaluations" if self.schedule.by_steps else "epochs"
             rank_zero_info(
-                f"HessianMonitor: stopping training at epoch {epoch}: sharp drop of the Hessian trace "
-                f"(middle at epoch {middle}, patience {self.sharp_drop_patience})."
+                f"HessianMonitor: stopping training at epoch {trainer.current_epoch} (step {trainer.global_step}): "
+                f"sharp drop of the Hessian trace (patience {self.sharp_drop_patience} {unit} after its middle)."
             )
         trainer.should_stop = trainer.should_stop or should_stop
 
@@ -342,6 +388,8 @@ class HessianMonitor(CurvatureCallback):
             "seed": self.seed,
             "detector": self.detector.state_dict(),
             "stopped_epoch": self.stopped_epoch,
+            "stopped_step": self.stopped_step,
+            "schedule": self._schedule_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -350,4 +398,6 @@ class HessianMonitor(CurvatureCallback):
         if "detector" in state_dict:
             self.detector.load_state_dict(state_dict["detector"])
         self.stopped_epoch = state_dict.get("stopped_epoch")
+        self.stopped_step = state_dict.get("stopped_step")
+        self._load_schedule_state(state_dict)
 

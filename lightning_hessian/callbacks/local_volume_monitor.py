@@ -141,7 +141,16 @@ class LocalVolumeMonitor(CurvatureCallback):
     so every process logs the same estimate.
 
     Args:
-        every_n_epochs: Analyse every this many training epochs.
+        every_n_epochs: Analyse at the end of every this many training epochs (default 1 when
+            ``every_n_train_steps`` is not given).
+        every_n_train_steps: Analyse instead after every this many optimizer steps (after the
+            optimizer step that brings ``trainer.global_step`` to a multiple of it; mutually
+            exclusive with ``every_n_epochs``, as in ``ModelCheckpoint``). Scalars are logged at
+            that step (``on_step=True``) and history rows carry ``"step"`` and ``"epoch"``.
+        max_overhead: Cost budget: skip scheduled evaluations so that the cumulative evaluation
+            time stays within ``max_overhead`` times the training time (the first scheduled
+            evaluation always runs; skipped ones log nothing). ``None``: no budget. Each
+            evaluation logs ``overhead``: its time over the training time since the previous one.
         analysis_fraction: Fraction of the training dataset in the analysis set (paper: 0.1).
         max_samples: Cap on the analysis set's size (required for an ``IterableDataset``).
         analysis_batch_size: Micro-batch size of the analysis set (bounds memory).
@@ -202,7 +211,7 @@ class LocalVolumeMonitor(CurvatureCallback):
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
         analysis_fraction: float = 0.1,
         max_samples: int | None = None,
         analysis_batch_size: int = 256,
@@ -225,6 +234,8 @@ class LocalVolumeMonitor(CurvatureCallback):
         rel_tol: float = 1e-4,
         optimizer_index: int | None = None,
         confidence: float = 0.95,
+        every_n_train_steps: int | None = None,
+        max_overhead: float | None = None,
         prefix: str = "volume/",
         batch_size_fn: Callable[[Any], float] | None = None,
         on_error: Literal["warn", "raise"] = "warn",
@@ -246,6 +257,8 @@ class LocalVolumeMonitor(CurvatureCallback):
             on_error=on_error,
             max_analysis_bytes=max_analysis_bytes,
             progress_bar=progress_bar,
+            every_n_train_steps=every_n_train_steps,
+            max_overhead=max_overhead,
         )
         if not (callable(cost) or (isinstance(cost, str) and cost in ("kl", "gaussian", "loss"))):
             raise ValueError(f"`cost` must be 'kl', 'gaussian', 'loss' or a callable, got {cost!r}.")
@@ -331,7 +344,7 @@ class LocalVolumeMonitor(CurvatureCallback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            every_n_epochs=self.every_n_epochs,
+            **self._schedule_key(),
             analysis_fraction=self.analysis_fraction,
             seed=self.seed,
             num_directions=self.num_directions,
@@ -549,14 +562,11 @@ class LocalVolumeMonitor(CurvatureCallback):
         values["seconds"] = seconds
         return values
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._should_run(trainer):
-            return
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         values, est = self._guarded_compute(trainer, pl_module, "local-volume computation")
         self.last_estimate = est
-        self.history.append({"epoch": float(epoch), **values})
-        self._log_scalars(trainer, pl_module, values)
+        self._record(trainer, pl_module, values)
         if est is not None:
             self._warn_low_ess(est, epoch)
             self._warn_flat(est, epoch)
@@ -598,10 +608,12 @@ class LocalVolumeMonitor(CurvatureCallback):
             "analysis": self.analysis.state_dict(),
             "seed": self.seed,
             "init_prior": None if self.init_prior is None else dict(self.init_prior),
+            "schedule": self._schedule_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(row) for row in state_dict.get("history", [])]
         self.analysis.load_state_dict(state_dict.get("analysis", {}))
+        self._load_schedule_state(state_dict)
         prior = state_dict.get("init_prior")
         self.init_prior = None if prior is None else {str(k): float(v) for k, v in prior.items()}
