@@ -163,3 +163,44 @@ def test_max_overhead_validation():
         with pytest.raises(ValueError, match="`max_overhead`"):
             HessianMonitor(max_overhead=bad)
     assert LocalVolumeMonitor(max_overhead=0.5).max_overhead == 0.5
+
+
+# ---------------------------------------------------------------------------------- DDP
+
+
+class RankDependentCost(Callback):
+    """In each worker: a fake clock; evaluations look cheap on rank 0 and expensive on rank 1."""
+
+    def __init__(self, costs: dict[int, float]) -> None:
+        self.costs = costs
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        clock = FakeClock()
+        self.clock = clock
+        for monitor in trainer.callbacks:
+            if isinstance(monitor, HessianMonitor):
+                compute, cost = monitor._compute, self.costs[trainer.global_rank]
+
+                def costly(trainer, pl_module, compute=compute, cost=cost):
+                    clock.advance(cost)
+                    return compute(trainer, pl_module)
+
+                monitor._compute = costly
+                monitor.schedule.clock = clock
+
+    def on_train_batch_start(self, *args, **kwargs) -> None:
+        self.clock.advance(0.25)
+
+
+def test_ddp_skip_decision_is_identical_on_all_ranks(tmp_path):
+    """Rank 1's clock alone would skip every evaluation after the first; rank 0's decides for all."""
+    from tests.ddp_helpers import fit
+
+    monitor = HessianMonitor(num_runs=2, num_steps=4, log_density=False, max_overhead=0.5, analysis_fraction=0.1)
+    records = fit(
+        tmp_path, [monitor, RankDependentCost({0: 0.1, 1: 10.0})], lambda: DigitsModule(hidden=8), max_epochs=3
+    )
+    histories = [r["histories"]["HessianMonitor"] for r in records]
+    assert [row["epoch"] for row in histories[0]] == [0.0, 1.0, 2.0]
+    assert [row["epoch"] for row in histories[1]] == [0.0, 1.0, 2.0]
+    assert [row["trace"] for row in histories[0]] == [row["trace"] for row in histories[1]]
