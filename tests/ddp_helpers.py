@@ -189,6 +189,7 @@ def hessian_monitor(**kwargs: Any) -> HessianMonitor:
         analysis_fraction=ANALYSIS_FRACTION,
         analysis_batch_size=ANALYSIS_BATCH_SIZE,
         log_density=False,
+        hvp_backend="autograd",  # a fixed path: separate runs (ddp vs ddp_spawn) compare bit for bit
     )
     return HessianMonitor(**{**options, **kwargs})
 

@@ -71,7 +71,7 @@ VOLUME_METRICS = (
     "num_forward_passes",
 )
 # Timings differ from rank to rank; everything else must be identical.
-PER_RANK_KEYS = ("seconds",)
+PER_RANK_KEYS = ("seconds", "overhead")
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,6 +108,11 @@ class HessianMonitor(CurvatureCallback):
         hvp_precision: ``"model"`` computes HVPs in the parameters' dtype; ``"float64"`` on float64
             copies (:class:`~lightning_hessian.HessianOperator`'s ``compute_dtype``), which removes
             the float32 rounding floor (~1e-6 relative on eigenvalues) at a higher cost.
+        hvp_backend: HVP path of :class:`~lightning_hessian.HessianOperator`: ``"auto"`` times
+            forward-over-reverse and double backward at the first evaluation for the product
+            width it needs (``num_runs``) and keeps the faster for the whole run
+            (:attr:`backend_choices`); ``"func"`` / ``"autograd"`` force one (e.g. for
+            bit-for-bit reproducibility across machines, where the measured choice may differ).
         log_density: Send the density histogram / figure to TensorBoard, W&B and MLflow loggers.
         detect_sharp_drop: Feed the trace to the sharp-drop detector and log its flag.
         stop_on_sharp_drop: Stop training after a confirmed sharp drop.
@@ -161,6 +166,7 @@ class HessianMonitor(CurvatureCallback):
         lanczos_basis_dtype: Literal["float64", "float32"] = "float64",
         lanczos_basis_on_cpu: bool = False,
         hvp_precision: Literal["model", "float64"] = "model",
+        hvp_backend: Literal["auto", "func", "autograd"] = "auto",
         log_density: bool = True,
         detect_sharp_drop: bool = True,
         stop_on_sharp_drop: bool = False,
@@ -213,6 +219,11 @@ class HessianMonitor(CurvatureCallback):
         if hvp_precision not in ("model", "float64"):
             raise ValueError(f"`hvp_precision` must be 'model' or 'float64', got {hvp_precision!r}.")
         self.hvp_precision = hvp_precision
+        if hvp_backend not in ("auto", "func", "autograd"):
+            raise ValueError(f"`hvp_backend` must be 'auto', 'func' or 'autograd', got {hvp_backend!r}.")
+        self.hvp_backend = hvp_backend
+        # {width: path} measured at the first evaluation (hvp_backend="auto"), reused afterwards
+        self.backend_choices: dict[int, str] = {}
         self.log_density = bool(log_density)
         self.detect_sharp_drop = bool(detect_sharp_drop)
         self.stop_on_sharp_drop = bool(stop_on_sharp_drop)
@@ -247,6 +258,8 @@ class HessianMonitor(CurvatureCallback):
             train_mode_batchnorm=self.train_mode_batchnorm,
             all_reduce=all_reduce,
             compute_dtype=torch.float64 if self.hvp_precision == "float64" else None,
+            backend=self.hvp_backend,
+            backend_choices=self.backend_choices,
             **self._loss_kwargs(),
         )
 
@@ -276,6 +289,7 @@ class HessianMonitor(CurvatureCallback):
                 basis_dtype=getattr(torch, self.lanczos_basis_dtype),
                 basis_device="cpu" if self.lanczos_basis_on_cpu else None,
             )
+        self.backend_choices.update(op.backend_choices)  # measured once, reused by later evaluations
         top_values, top_residuals = sd.top_ritz_values(self.top_k)
         bottom_values, _ = sd.bottom_ritz_values(1)
         values: dict[str, float] = {
@@ -390,6 +404,7 @@ class HessianMonitor(CurvatureCallback):
             "stopped_epoch": self.stopped_epoch,
             "stopped_step": self.stopped_step,
             "schedule": self._schedule_state(),
+            "backend_choices": dict(self.backend_choices),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -400,4 +415,6 @@ class HessianMonitor(CurvatureCallback):
         self.stopped_epoch = state_dict.get("stopped_epoch")
         self.stopped_step = state_dict.get("stopped_step")
         self._load_schedule_state(state_dict)
+        if self.hvp_backend == "auto":  # a resumed run keeps the paths it measured
+            self.backend_choices = {int(k): str(v) for k, v in state_dict.get("backend_choices", {}).items()}
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
+from lightning_hessian.errors import NonFiniteHVPError, NonFiniteLossError
+from lightning_hessian.operators._backend import Backend, BackendSelector
 from lightning_hessian.operators._batches import (
     BatchLossFn,
     LossFn,
@@ -26,8 +26,6 @@ from lightning_hessian.operators.base import _check_matrix, _matvec_via_matmat
 
 __all__ = ["Backend", "HessianOperator"]
 
-Backend = Literal["auto", "func", "autograd"]
-
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 class HessianOperator:
@@ -41,8 +39,12 @@ class HessianOperator:
 
     HVPs are computed by forward-over-reverse differentiation (``torch.func.jvp`` of
     ``torch.func.grad`` through ``functional_call``), several vectors at once with
-    ``torch.func.vmap``; where forward-mode AD is unsupported, ``backend="auto"`` falls back to
-    double backward (``torch.autograd.grad(create_graph=True)``) once and warns. HVPs run outside
+    ``torch.func.vmap``, or by double backward (``torch.autograd.grad(create_graph=True)``).
+    ``backend="auto"`` times both paths on the first micro-batch of the first product of each
+    width (number of vectors) it meets and keeps the faster for that width (the timed products
+    are used as that batch's products; the choice is logged once at INFO level on the
+    ``lightning_hessian`` logger and exposed by :meth:`backend_for` / :attr:`backend_choices`);
+    where forward-mode AD is unsupported it falls back to double backward once and warns. HVPs run outside
     autocast in the parameters' own dtype; sums over micro-batches are accumulated in float64.
 
     The model is evaluated in eval mode (dropout off, BatchNorm on running statistics) unless
@@ -63,15 +65,14 @@ class HessianOperator:
             tensor in the batch (examples). For a token-mean loss over padded sequences pass the
             number of valid tokens, e.g. ``lambda b: (b[1] != -100).sum()``, so that ``H`` is the
             Hessian of the token mean over the whole data set. A batch of weight 0 is skipped.
-        backend: ``"auto"`` (forward-over-reverse, fallback to double backward), ``"func"`` or
-            ``"autograd"``.
+        backend: ``"auto"`` (the faster path per width, by measurement; fallback to double
+            backward), ``"func"`` (forward-over-reverse) or ``"autograd"`` (double backward).
         train_mode_batchnorm: Use batch statistics in BatchNorm layers (running stats untouched).
-        func_min_vectors: With ``backend="auto"`` (and torch.func working for the model), products
-            of fewer vectors than this use double backward, whose fixed cost per call is lower;
-            wider products use the vmapped forward-over-reverse path, which amortises best
-            (``benchmarks/bench_core.py``: on the digits MLP one vmapped HVP of 30 vectors costs
-            1.1 gradients per vector, while a single forward-over-reverse HVP costs ~3x a double
-            backward one). ``1`` means torch.func for every product.
+        func_min_vectors: With ``backend="auto"``, a fixed rule instead of the measurement:
+            products of fewer vectors than this use double backward, wider ones the vmapped
+            forward-over-reverse path. ``None`` (default): measure.
+        backend_choices: Choices measured earlier (``{width: "func" | "autograd"}``, e.g.
+            ``previous_op.backend_choices``), reused without timing; new widths are measured.
         compute_dtype: Compute the products in this dtype (e.g. ``torch.float64`` for a float32
             model) on cast copies of parameters, buffers and float inputs; the model itself is not
             touched. Removes the float32 rounding floor (~1e-7 relative) of the products, e.g. to
@@ -123,7 +124,8 @@ class HessianOperator:
         backend: Backend = "auto",
         train_mode_batchnorm: bool = False,
         max_batched_vectors: int | None = None,
-        func_min_vectors: int = 8,
+        func_min_vectors: int | None = None,
+        backend_choices: Mapping[int, str] | None = None,
         compute_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         cache_batches: bool = True,
@@ -146,10 +148,6 @@ class HessianOperator:
             )
         if hasattr(data, "__len__") and len(data) == 0 and all_reduce is None:  # type: ignore[arg-type]
             raise ValueError("`data` is empty: the analysis set needs at least one batch.")
-        if backend not in ("auto", "func", "autograd"):
-            raise ValueError(f"`backend` must be 'auto', 'func' or 'autograd', got {backend!r}.")
-        if isinstance(func_min_vectors, bool) or not isinstance(func_min_vectors, int) or func_min_vectors < 1:
-            raise ValueError(f"`func_min_vectors` must be a positive integer, got {func_min_vectors!r}.")
         if max_batched_vectors is not None and max_batched_vectors < 1:
             raise ValueError(f"`max_batched_vectors` must be >= 1 or None, got {max_batched_vectors}.")
 
@@ -165,9 +163,7 @@ class HessianOperator:
         self.cache_batches = bool(cache_batches)
         self.max_cache_bytes = int(max_cache_bytes)
         self.all_reduce = all_reduce
-        self._backend: Backend = backend
         self._requested: Backend = backend
-        self._fallback_warned = False
         self._cached: list[tuple[Any, float]] | None = None
         self._num_hvps = 0
 
@@ -184,6 +180,7 @@ class HessianOperator:
         for numel in self._numels:
             self._offsets.append(self._offsets[-1] + numel)
         self._device = torch.device(device) if device is not None else self._params[0].device
+        self._selector = BackendSelector(backend, func_min_vectors, backend_choices, device=self._device)
         self._wrapper = _LossModule(model, loss_fn, batch_loss)
         if self.compute_dtype is None and self._params[0].dtype in _HALF_DTYPES:
             # float16/bfloat16 products lose ~3 significant digits per HVP and overflow easily:
@@ -235,8 +232,24 @@ class HessianOperator:
 
     @property
     def backend(self) -> str:
-        """The HVP path in use: ``"func"``, ``"autograd"``, or ``"auto"`` before the first product."""
-        return self._backend
+        """The HVP path of the latest product: ``"func"``, ``"autograd"``, or ``"auto"`` before any."""
+        if self._selector.last is None:
+            return self._requested
+        return self._selector.last
+
+    def backend_for(self, width: int) -> str | None:
+        """The HVP path of products of ``width`` vectors (``None``: not measured yet)."""
+        return self._selector.path_for(width)
+
+    @property
+    def backend_choices(self) -> dict[int, str]:
+        """Measured choices ``{width: "func" | "autograd"}`` so far (``backend="auto"``)."""
+        return dict(self._selector.choices)
+
+    @property
+    def backend_timings(self) -> dict[int, dict[str, float]]:
+        """Seconds each path took on the first micro-batch of each measured width."""
+        return {k: dict(v) for k, v in self._selector.timings.items()}
 
     def reset_num_hvps(self) -> None:
         """Set :attr:`num_hvps` back to zero."""
@@ -354,34 +367,11 @@ class HessianOperator:
         return out, loss.detach()
 
     def _batch_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        if self._backend == "autograd":
-            return self._autograd_hvp(batch, tangents)
-        if self._backend == "func":
-            if self._requested == "auto" and tangents[0].shape[0] < self.func_min_vectors:
-                return self._autograd_hvp(batch, tangents)
-            return self._func_hvp(batch, tangents)
-        try:  # "auto": decide once, on the first batch
-            result = self._func_hvp(batch, tangents)
-        except (RuntimeError, NotImplementedError) as err:
-            if isinstance(err, HessianComputationError):
-                raise
-            try:
-                result = self._autograd_hvp(batch, tangents)
-            except Exception:
-                raise err from None
-            self._backend = "autograd"
-            if not self._fallback_warned:
-                self._fallback_warned = True
-                warnings.warn(
-                    "Forward-over-reverse HVP (torch.func) failed for this model "
-                    f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); falling back to "
-                    "double backward. Pass backend='autograd' to silence this warning.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            return result
-        self._backend = "func"
-        return result
+        return self._selector.run(
+            tangents[0].shape[0],
+            lambda: self._func_hvp(batch, tangents),
+            lambda: self._autograd_hvp(batch, tangents),
+        )
 
     # ------------------------------------------------------------------ products
 
@@ -495,5 +485,5 @@ class HessianOperator:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_params={self.num_params}, device={self.device}, "
-            f"dtype={self.dtype}, backend={self._backend!r}, train_mode_batchnorm={self.train_mode_batchnorm})"
+            f"dtype={self.dtype}, backend={self.backend!r}, train_mode_batchnorm={self.train_mode_batchnorm})"
         )
