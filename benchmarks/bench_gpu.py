@@ -283,7 +283,7 @@ def hvp_table(case: Case, widths: list[int], grad_s: float, device: torch.device
         for backend in ("func", "autograd"):
             op = HessianOperator(case.model, case.loss_fn, case.analysis, backend=backend)
             try:
-                seconds = timed(lambda op=op: op.matmat(V), device, repeats, warmup=repeats > 1)
+                seconds = timed(lambda op=op, V=V: op.matmat(V), device, repeats, warmup=repeats > 1)
             except (RuntimeError, NotImplementedError) as err:
                 rows.append((backend, width, math.nan, f"fails: {type(err).__name__}"))
                 continue

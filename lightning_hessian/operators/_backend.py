@@ -128,7 +128,7 @@ class BackendSelector:
     def _fall_back(self, err: BaseException, autograd: Callable[[], T]) -> T:
         try:
             result = autograd()
-        except Exception:
+        except Exception:  # noqa: BLE001 - the forward-mode error is the one to report
             raise err from None
         self.func_failed = True
         self.last = "autograd"
