@@ -119,7 +119,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2-shaped decoder (tied embeddings): 124 M parameters at the defaults."""
 
-    def __init__(self, vocab: int = 50257, context: int = 1024, dim: int = 768, heads: int = 12, layers: int = 12) -> None:
+    def __init__(
+        self, vocab: int = 50257, context: int = 1024, dim: int = 768, heads: int = 12, layers: int = 12
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(context, dim)
@@ -163,7 +165,9 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
             model, size, n_an, b_an, n_tr = ResNet18(), 32, 1024, 256, 5120
 
         def image_batch(b: int) -> tuple[Tensor, Tensor]:
-            return torch.randn(b, 3, size, size, generator=g).to(device), torch.randint(0, 10, (b,), generator=g).to(device)
+            return torch.randn(b, 3, size, size, generator=g).to(device), torch.randint(0, 10, (b,), generator=g).to(
+                device
+            )
 
         cases.append(
             Case(
@@ -278,7 +282,9 @@ def hvp_table(case: Case, widths: list[int], grad_s: float, device: torch.device
     rows = []
     auto = HessianOperator(case.model, case.loss_fn, case.analysis)
     for width in widths:
-        V = torch.randn(n, width, device=device, dtype=torch.float32, generator=torch.Generator(device=device).manual_seed(width))
+        V = torch.randn(
+            n, width, device=device, dtype=torch.float32, generator=torch.Generator(device=device).manual_seed(width)
+        )
         auto.matmat(V)  # measures and chooses for this width
         for backend in ("func", "autograd"):
             op = HessianOperator(case.model, case.loss_fn, case.analysis, backend=backend)
@@ -331,7 +337,10 @@ def comparisons(case: Case, num_runs: int, num_steps: int, ours_s: float, device
             comp.density(iter=num_steps, n_v=num_runs)
             _sync(device)
             theirs = time.perf_counter() - start
-            print(f"    PyHessian density ({num_runs}x{num_steps}): {theirs:.2f} s; ours / PyHessian = {ours_s / theirs:.2f}")
+            print(
+                f"    PyHessian density ({num_runs}x{num_steps}): {theirs:.2f} s; "
+                f"ours / PyHessian = {ours_s / theirs:.2f}"
+            )
         except Exception as err:  # noqa: BLE001 - report, never fail the benchmark
             print(f"    PyHessian: failed ({type(err).__name__}: {err})")
     try:
@@ -346,7 +355,10 @@ def comparisons(case: Case, num_runs: int, num_steps: int, ours_s: float, device
             eth.spectral_density(op, num_runs=num_runs, lanczos_steps=num_steps)
             _sync(device)
             theirs = time.perf_counter() - start
-            print(f"    hessian-eigenthings density ({num_runs}x{num_steps}): {theirs:.2f} s; ours / theirs = {ours_s / theirs:.2f}")
+            print(
+                f"    hessian-eigenthings density ({num_runs}x{num_steps}): {theirs:.2f} s; "
+                f"ours / theirs = {ours_s / theirs:.2f}"
+            )
         except Exception as err:  # noqa: BLE001
             print(f"    hessian-eigenthings: failed ({type(err).__name__}: {err})")
 
@@ -395,7 +407,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--widths", default=None, help="product widths to time (default: 1, num_runs, 10)")
     parser.add_argument("--basis-dtype", choices=("float64", "float32"), default="float64")
     parser.add_argument("--gpt-context", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median; default 5, 1 with --small)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repetitions (median; default 5, 1 with --small)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]

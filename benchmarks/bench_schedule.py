@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, interleaved_times  # noqa: E402
+from _common import ROOT, interleaved_times
 
 sys.path.insert(0, str(ROOT / "examples"))
-from digits_monitor import DigitsMLP, digits_datasets  # noqa: E402
+from digits_monitor import DigitsMLP, digits_datasets
 
-from lightning_hessian import HessianOperator, spectral_density, top_eigenvalues  # noqa: E402
-from lightning_hessian.callbacks import HessianMonitor  # noqa: E402
-from tests.helpers import analysis_batches, small_cnn, trained_digits_mlp  # noqa: E402
+from lightning_hessian import HessianOperator, spectral_density, top_eigenvalues
+from lightning_hessian.callbacks import HessianMonitor
+from tests.helpers import analysis_batches, small_cnn, trained_digits_mlp
 
 
 def backend_check(rounds: int) -> None:
@@ -48,7 +48,7 @@ def backend_check(rounds: int) -> None:
             f"    {'task':<28} {'func s':>8} {'autograd s':>10} {'auto s':>8} {'auto/best':>9} "
             f"{'reused s':>9} {'reused/best':>11}  auto chose"
         )
-        for task, width in (("spectral_density 3x40", 3), ("top_eigenvalues (1 vector)", 1)):
+        for task, _width in (("spectral_density 3x40", 3), ("top_eigenvalues (1 vector)", 1)):
             chosen: dict[int, str] = {}
 
             def run(backend: str, task: str = task, model=model, data=data, chosen=chosen) -> None:
@@ -75,7 +75,10 @@ def backend_check(rounds: int) -> None:
 
 def overhead_check(epochs: int) -> None:
     print(f"\n[2] digits MLP, {epochs} epochs, batch size 32, default HessianMonitor (3 x 40)")
-    print(f"    {'max_overhead':<13} {'evaluations':>11} {'skipped':>7} {'callback s':>10} {'training s':>10} {'ratio':>6}")
+    print(
+        f"    {'max_overhead':<13} {'evaluations':>11} {'skipped':>7} {'callback s':>10} "
+        f"{'training s':>10} {'ratio':>6}"
+    )
     for budget in (None, 0.5):
         pl.seed_everything(0, verbose=False)
         train_set, _ = digits_datasets(0)
@@ -108,7 +111,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     print(
-        f"bench_schedule  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  torch {torch.__version__}  "
+        f"bench_schedule  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  "
+        f"torch {torch.__version__}  "
         f"{torch.get_num_threads()} thread(s)"
     )
     if "backend" not in skip:

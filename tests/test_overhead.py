@@ -127,7 +127,9 @@ def test_monitor_skips_evaluations_over_budget_and_logs_nothing_for_them(tmp_pat
         monitor = HessianMonitor(num_runs=2, num_steps=4, log_density=False, max_overhead=0.5, analysis_fraction=0.1)
         key = "trace"
     else:
-        monitor = LocalVolumeMonitor(num_directions=4, preconditioner=None, prior_std=1.0, max_overhead=0.5, analysis_fraction=0.1)
+        monitor = LocalVolumeMonitor(
+            num_directions=4, preconditioner=None, prior_std=1.0, max_overhead=0.5, analysis_fraction=0.1
+        )
         key = "log_volume"
     # an epoch = 4 batches of 0.25 s = 1 s of training; an evaluation = 1 s: as in the unit test
     _with_fake_cost(monitor, clock, 1.0, monkeypatch)

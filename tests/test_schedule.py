@@ -47,7 +47,7 @@ def _csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
 
 
 def test_schedule_validation_and_due_points():
-    with pytest.raises(ValueError, match="at most one of `every_n_epochs`.*`every_n_train_steps`"):
+    with pytest.raises(ValueError, match=r"at most one of `every_n_epochs`.*`every_n_train_steps`"):
         EvaluationSchedule(every_n_epochs=1, every_n_train_steps=5)
     with pytest.raises(ValueError, match="every_n_train_steps"):
         EvaluationSchedule(every_n_train_steps=0)
@@ -71,9 +71,9 @@ def test_schedule_validation_and_due_points():
 
 
 def test_monitors_reject_both_schedules():
-    with pytest.raises(ValueError, match="every_n_epochs.*every_n_train_steps"):
+    with pytest.raises(ValueError, match=r"every_n_epochs.*every_n_train_steps"):
         HessianMonitor(every_n_epochs=1, every_n_train_steps=10)
-    with pytest.raises(ValueError, match="every_n_epochs.*every_n_train_steps"):
+    with pytest.raises(ValueError, match=r"every_n_epochs.*every_n_train_steps"):
         LocalVolumeMonitor(every_n_epochs=2, every_n_train_steps=10)
     assert HessianMonitor().every_n_epochs == 1
     assert HessianMonitor(every_n_train_steps=4).every_n_epochs is None
@@ -96,7 +96,9 @@ def test_step_schedule_evaluates_at_the_right_steps_and_lr0_gives_identical_valu
         loader = DataLoader(digits_dataset(400), batch_size=64, shuffle=True)
         monitors = [
             _hessian_monitor(every_n_train_steps=3, analysis_fraction=0.25),
-            LocalVolumeMonitor(every_n_train_steps=3, analysis_fraction=0.25, num_directions=8, preconditioner=None, prior_std=1.0),
+            LocalVolumeMonitor(
+                every_n_train_steps=3, analysis_fraction=0.25, num_directions=8, preconditioner=None, prior_std=1.0
+            ),
         ]
     logger = CSVLogger(tmp_path, name="csv")
     pl.seed_everything(0, verbose=False)
@@ -124,9 +126,7 @@ def test_step_schedule_with_gradient_accumulation_and_early_stopping():
     stopper = EarlyStopping(monitor="hessian/trace", mode="max", patience=100, check_on_train_epoch_end=True)
     pl.seed_everything(0, verbose=False)
     # 320 samples / 32 = 10 batches per epoch, 2 batches per optimizer step: 5 steps per epoch
-    trainer = pl.Trainer(
-        callbacks=[monitor, stopper], **trainer_kwargs(max_epochs=2, accumulate_grad_batches=2)
-    )
+    trainer = pl.Trainer(callbacks=[monitor, stopper], **trainer_kwargs(max_epochs=2, accumulate_grad_batches=2))
     trainer.fit(DigitsModule(hidden=16), DataLoader(digits_dataset(320), batch_size=32))
     assert trainer.global_step == 10
     assert [row["step"] for row in monitor.history] == [2.0, 4.0, 6.0, 8.0, 10.0]
@@ -150,7 +150,8 @@ def test_resume_restores_the_step_schedule(tmp_path):
         monitor = monitor or _hessian_monitor(every_n_train_steps=3, analysis_fraction=0.1)
         pl.seed_everything(0, verbose=False)
         trainer = pl.Trainer(
-            callbacks=[monitor], **trainer_kwargs(max_epochs=-1, max_steps=max_steps, enable_checkpointing=True, default_root_dir=tmp_path)
+            callbacks=[monitor],
+            **trainer_kwargs(max_epochs=-1, max_steps=max_steps, enable_checkpointing=True, default_root_dir=tmp_path),
         )
         # 4 batches per epoch, no shuffling: a resume at an epoch end continues the same data order
         trainer.fit(DigitsModule(hidden=16), DataLoader(digits_dataset(256), batch_size=64), ckpt_path=ckpt)
@@ -164,7 +165,9 @@ def test_resume_restores_the_step_schedule(tmp_path):
     assert [row["step"] for row in part.history] == [3.0, 6.0]
     assert [row["step"] for row in resumed.history] == [3.0, 6.0, 9.0, 12.0, 15.0]
     assert [row["step"] for row in whole.history] == [3.0, 6.0, 9.0, 12.0, 15.0]
-    assert [r["trace"] for r in resumed.history[:2]] == [r["trace"] for r in part.history]  # restored from the checkpoint, not re-evaluated
+    assert [r["trace"] for r in resumed.history[:2]] == [
+        r["trace"] for r in part.history
+    ]  # restored from the checkpoint, not re-evaluated
     # (training itself is not bit-identical across a Lightning resume from a max_steps checkpoint,
     # with or without the monitor, so later values are not compared)
     assert resumed.schedule.num_evaluations == 5

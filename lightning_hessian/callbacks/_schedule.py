@@ -199,5 +199,9 @@ class EvaluationSchedule:
         self._pending_training = float(state.get("pending_training", 0.0))
 
     def __repr__(self) -> str:
-        when = f"every_n_train_steps={self.every_n_train_steps}" if self.by_steps else f"every_n_epochs={self.every_n_epochs}"
+        when = (
+            f"every_n_train_steps={self.every_n_train_steps}"
+            if self.by_steps
+            else f"every_n_epochs={self.every_n_epochs}"
+        )
         return f"{type(self).__name__}({when}, max_overhead={self.max_overhead})"

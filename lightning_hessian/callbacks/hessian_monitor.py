@@ -358,10 +358,8 @@ class HessianMonitor(CurvatureCallback):
             values["trace_sharp_drop_epoch"] = float(middle) if middle is not None else math.nan
         if confirmed:
             now = f"step {trainer.global_step}" if self.schedule.by_steps else f"epoch {when}"
-            if self.schedule.by_steps:
-                middle_text = f"step {values['trace_sharp_drop_step']:.0f}"
-            else:
-                middle_text = f"epoch {middle}"
+            by_steps = self.schedule.by_steps
+            middle_text = f"step {values['trace_sharp_drop_step']:.0f}" if by_steps else f"epoch {middle}"
             rank_zero_info(
                 f"HessianMonitor: sharp drop of the Hessian trace confirmed at {now}: it began at "
                 f"{self._label(self.detector.drop_start_epoch)}, middle at {middle_text}, "

@@ -72,7 +72,9 @@ class BackendSelector:
         self.choices: dict[int, HVPPath] = {}
         for width, path in (choices or {}).items():
             if path not in _PATHS or isinstance(width, bool) or not isinstance(width, int) or width < 1:
-                raise ValueError(f"`backend_choices` must map widths (int >= 1) to 'func'/'autograd', got {width!r}: {path!r}.")
+                raise ValueError(
+                    f"`backend_choices` must map widths (int >= 1) to 'func'/'autograd', got {width!r}: {path!r}."
+                )
             self.choices[width] = path  # type: ignore[assignment]
         self.timings: dict[int, dict[str, float]] = {}
         self.func_failed = False
@@ -84,7 +86,7 @@ class BackendSelector:
     def path_for(self, width: int) -> HVPPath | None:
         """The path products of ``width`` vectors use, or ``None`` while still to be measured."""
         if self.requested != "auto":
-            return self.requested  # type: ignore[return-value]
+            return self.requested
         if self.func_failed:
             return "autograd"
         if width in self.choices:
@@ -180,4 +182,3 @@ class BackendSelector:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(requested={self.requested!r}, choices={self.choices})"
-
