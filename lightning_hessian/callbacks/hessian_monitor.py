@@ -17,6 +17,7 @@ from lightning_hessian.callbacks._base import CurvatureCallback
 from lightning_hessian.callbacks._logging import density_figure, density_histogram
 from lightning_hessian.density import SpectralDensity, spectral_density
 from lightning_hessian.operators import HessianOperator
+from lightning_hessian.operators.reduction import check_operator_loss_reduction
 from lightning_hessian.sharp_drop import TraceSharpDropDetector
 
 __all__ = ["HessianMonitor"]
@@ -243,6 +244,7 @@ class HessianMonitor(CurvatureCallback):
         except TypeError as err:
             raise ValueError(f"`sharp_drop_kwargs` has an unknown argument: {err}") from None
         self.last_density: SpectralDensity | None = None
+        self._reduction_checked = False
         self.stopped_epoch: int | None = None
 
     @property
@@ -285,6 +287,9 @@ class HessianMonitor(CurvatureCallback):
         start = self._timer()
         data = self._analysis_data(trainer)
         op = self._operator(pl_module, data, self._all_reduce(trainer))
+        if not self._reduction_checked:  # once: a summed loss scales the Hessian by the batch size
+            self._reduction_checked = True
+            check_operator_loss_reduction(op)
         probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)
         with self._progress(trainer, self.num_runs * self.num_steps, "HVP") as advance:
             sd = spectral_density(
