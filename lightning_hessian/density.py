@@ -434,7 +434,7 @@ def spectral_density(
         probe=probe,
         steps=list(result.steps),
         deflated_weights=deflated,
-        num_deflated=int(round(num_deflated)),
+        num_deflated=round(num_deflated),
         deflated_mask=deflated_mask,
         loo_trace_samples=loo,
         outlier_mask=outliers,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,7 +9,12 @@ import torch
 from torch import Tensor
 
 from lightning_hessian._random import make_generator
-from lightning_hessian.lanczos import ROUNDING_FACTOR, LanczosResult, lanczos, rounding_floor
+from lightning_hessian.lanczos import (
+    ROUNDING_FACTOR,
+    LanczosResult,
+    lanczos,
+    rounding_floor,
+)
 from lightning_hessian.operators import CurvatureOperator
 
 __all__ = ["EigenResult", "top_eigenvalues"]

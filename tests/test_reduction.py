@@ -12,7 +12,11 @@ from torch import nn
 
 from lightning_hessian.callbacks import HessianMonitor
 from lightning_hessian.operators import HessianOperator
-from lightning_hessian.operators.reduction import check_loss_reduction, detect_loss_reduction, split_batch
+from lightning_hessian.operators.reduction import (
+    check_loss_reduction,
+    detect_loss_reduction,
+    split_batch,
+)
 from tests.lightning_helpers import DigitsModule, digits_loader, trainer_kwargs
 
 
@@ -32,7 +36,7 @@ def test_mean_and_sum_are_told_apart(size):
     x, y = _batch(size)
     assert detect_loss_reduction(lambda b: F.cross_entropy(model(b[0]), b[1]), (x, y)) == "mean"
     assert detect_loss_reduction(lambda b: F.cross_entropy(model(b[0]), b[1], reduction="sum"), (x, y)) == "sum"
-    mse_sum = lambda b: F.mse_loss(model(b["x"]), torch.zeros(b["x"].shape[0], 3), reduction="sum")  # noqa: E731
+    mse_sum = lambda b: F.mse_loss(model(b["x"]), torch.zeros(b["x"].shape[0], 3), reduction="sum")
     assert detect_loss_reduction(mse_sum, {"x": x, "name": "not a tensor"}) == "sum"
 
 

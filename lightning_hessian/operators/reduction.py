@@ -10,6 +10,7 @@ one batch tells the two apart exactly: split it into halves :math:`A, B`; for pe
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -76,7 +77,7 @@ def detect_loss_reduction(loss_of_batch: Callable[[Any], Tensor], batch: Any, *,
     total = float(loss_of_batch(batch).double())
     loss_a, loss_b = float(loss_of_batch(first).double()), float(loss_of_batch(second).double())
     scale = max(abs(total), abs(loss_a), abs(loss_b))
-    if scale == 0 or not all(map(lambda x: x == x and abs(x) != float("inf"), (total, loss_a, loss_b))):
+    if scale == 0 or not all(math.isfinite(x) for x in (total, loss_a, loss_b)):
         return "unknown"
     as_mean = (at * loss_a + (size - at) * loss_b) / size
     as_sum = loss_a + loss_b
