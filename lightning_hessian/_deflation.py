@@ -113,23 +113,28 @@ def leave_one_out_trace_samples(
     return samples
 
 
-def _multiplicity(matched: list[tuple[int, int]], vectors: list[Tensor], slots: list[dict[int, int]],
+def _multiplicity(clusters: list[list[int]], vectors: list[Tensor], slots: list[dict[int, int]],
                   weights: Tensor, num_params: int) -> int | None:
     """Multiplicity of an eigenvalue found by every run, or ``None`` when it cannot be told.
 
-    Integer weights first: with Rademacher probes and an eigenspace spanned by coordinate axes
-    (then every run may see the *same* Ritz vector) the probe's weight is exactly :math:`d/n`;
-    otherwise the rank of the runs' Ritz vectors, if below the number of runs (each run sees a
-    random direction of the eigenspace, so ``R`` independent directions mean ``d >= R``).
+    ``clusters[r]`` are run ``r``'s converged nodes at that value (after convergence, rounding
+    can make a run grow a second copy of a repeated eigenvalue). Integer weights first: with
+    Rademacher probes and an eigenspace spanned by coordinate axes (then every run may see the
+    *same* Ritz vector) a run's total weight there is exactly :math:`d/n`; otherwise the rank of
+    all runs' Ritz vectors there, if below their number (each run sees a random direction of
+    the eigenspace, so as many independent directions as vectors means ``d`` is larger).
     """
-    counts = [float(weights[r, i]) * num_params for r, i in matched]
+    counts = [float(weights[r, cluster].sum()) * num_params for r, cluster in enumerate(clusters)]
     rounded = round(counts[0])
     if rounded >= 1 and all(abs(c - rounded) <= 1e-6 * max(1.0, c) for c in counts):
         return int(rounded)
-    stack = torch.stack([vectors[r][:, slots[r][i]].to(vectors[0].device) for r, i in matched], dim=1)
+    stack = torch.cat(
+        [vectors[r][:, [slots[r][i] for i in cluster]].to(vectors[0].device) for r, cluster in enumerate(clusters)],
+        dim=1,
+    )
     singular = torch.linalg.svdvals(stack)
     rank = int((singular >= _NEW_DIRECTION).sum())
-    return rank if rank < len(matched) else None
+    return rank if rank < stack.shape[1] else None
 
 
 def deflated_weights(
@@ -154,31 +159,33 @@ def deflated_weights(
     mask = torch.zeros_like(nodes, dtype=torch.bool)
     total = 0.0
     for r in range(num_runs):
-        masses: dict[int, int] = {}
+        masses: dict[int, float] = {}
         for i in candidates[r]:
+            if i in masses:
+                continue
             value = float(nodes[r, i])
             tol = 1e-6 * scale + 10 * float(residuals[r, i])
-            matched = [(r, i)]
-            for s in range(num_runs):
-                if s == r:
-                    continue
-                close = [k for k in candidates[s] if abs(float(nodes[s, k]) - value) <= tol]
-                if not close:
-                    break
-                matched.append((s, min(close, key=lambda k: abs(float(nodes[s, k]) - value))))
-            if len(matched) < num_runs:
+            clusters = [
+                [k for k in candidates[s] if abs(float(nodes[s, k]) - value) <= tol] for s in range(num_runs)
+            ]
+            if any(not cluster for cluster in clusters):
                 continue
-            d = _multiplicity(matched, vectors, slots, weights, num_params)
+            # the run's own cluster first, so that counts[0] is this run's
+            clusters = [clusters[r]] + [c for s, c in enumerate(clusters) if s != r]
+            order = [r] + [s for s in range(num_runs) if s != r]
+            d = _multiplicity(clusters, [vectors[s] for s in order], [slots[s] for s in order],
+                              weights[order], num_params)
             if d is not None:
-                masses[i] = d
+                for k in clusters[0]:
+                    masses[k] = d / len(clusters[0])
         exact = sum(masses.values()) / num_params
         rest_idx = torch.ones(nodes.shape[1], dtype=torch.bool)
         rest_idx[list(masses)] = False
         rest = float(weights[r][rest_idx].sum())
         if not masses or exact >= 1.0 or (rest <= 0 and exact < 1 - 1e-12):
             continue
-        for i, d in masses.items():
-            deflated[r, i] = d / num_params
+        for i, share in masses.items():
+            deflated[r, i] = share / num_params
             mask[r, i] = True
         if rest > 0:
             deflated[r][rest_idx] = weights[r][rest_idx] * ((1.0 - exact) / rest)

@@ -237,31 +237,49 @@ class SpectralDensity:
             pad[run, size:] = True
         return pad
 
+    def _expanded(self, run: int, descending: bool) -> tuple[list[float], list[float]]:
+        """Run ``run``'s Ritz values in order, a deflated one repeated by its multiplicity ``d``."""
+        size = self.steps[run] if self.steps else self.nodes.shape[1]
+        nodes, res = self.nodes[run, :size], self.ritz_residuals[run, :size]
+        order = torch.argsort(nodes, descending=descending).tolist()
+        values: list[float] = []
+        residuals: list[float] = []
+        for i in order:
+            copies = 1
+            if self.deflated_mask is not None and bool(self.deflated_mask[run, i]):
+                assert self.deflated_weights is not None
+                copies = max(1, round(float(self.deflated_weights[run, i]) * self.num_params))
+            values += [float(nodes[i])] * copies
+            residuals += [float(res[i])] * copies
+        return values, residuals
+
+    def _extreme_ritz_values(self, k: int, descending: bool) -> tuple[Tensor, Tensor]:
+        fill = float("-inf") if descending else float("inf")
+        vals = torch.full((self.num_runs, k), fill, dtype=torch.float64)
+        res = torch.full((self.num_runs, k), float("nan"), dtype=torch.float64)
+        for run in range(self.num_runs):
+            v, r = self._expanded(run, descending)
+            vals[run, : min(k, len(v))] = torch.tensor(v[:k], dtype=torch.float64)
+            res[run, : min(k, len(r))] = torch.tensor(r[:k], dtype=torch.float64)
+        best = vals.argmax(dim=0) if descending else vals.argmin(dim=0)
+        cols = torch.arange(k)
+        keep = torch.isfinite(vals[best, cols])
+        return vals[best, cols][keep], res[best, cols][keep]
+
     def top_ritz_values(self, k: int = 1) -> tuple[Tensor, Tensor]:
-        """Best lower bounds of the ``k`` largest eigenvalues, descending, with their residuals.
+        """Best estimates of the ``k`` largest eigenvalues, descending, with their residuals.
 
         By Cauchy interlacing the ``i``-th largest Ritz value of every run is at most the
-        ``i``-th largest eigenvalue, so the element-wise maximum over runs is the tightest.
+        ``i``-th largest eigenvalue, so the element-wise maximum over runs is the tightest. A
+        single Krylov space holds one Ritz value per eigenspace; the runs together form a block
+        that sees multiplicity: a deflated eigenvalue of multiplicity ``d`` (confirmed across
+        runs, see :func:`spectral_density`) counts ``d`` times.
         """
-        k = min(k, self.nodes.shape[1])
-        nodes = self.nodes.masked_fill(self._padding(), float("-inf"))
-        order = torch.argsort(nodes, dim=1, descending=True)[:, :k]
-        vals = torch.gather(nodes, 1, order)
-        res = torch.gather(self.ritz_residuals, 1, order)
-        best = vals.argmax(dim=0)
-        cols = torch.arange(k)
-        return vals[best, cols], res[best, cols]
+        return self._extreme_ritz_values(min(k, self.nodes.shape[1]), descending=True)
 
     def bottom_ritz_values(self, k: int = 1) -> tuple[Tensor, Tensor]:
-        """Best upper bounds of the ``k`` smallest eigenvalues, ascending, with their residuals."""
-        k = min(k, self.nodes.shape[1])
-        nodes = self.nodes.masked_fill(self._padding(), float("inf"))
-        order = torch.argsort(nodes, dim=1)[:, :k]
-        vals = torch.gather(nodes, 1, order)
-        res = torch.gather(self.ritz_residuals, 1, order)
-        best = vals.argmin(dim=0)
-        cols = torch.arange(k)
-        return vals[best, cols], res[best, cols]
+        """Best estimates of the ``k`` smallest eigenvalues, ascending (multiplicities as in :meth:`top_ritz_values`)."""
+        return self._extreme_ritz_values(min(k, self.nodes.shape[1]), descending=False)
 
     @property
     def max_eigenvalue(self) -> float:

@@ -110,3 +110,18 @@ def test_float32_ritz_residuals_are_not_below_half_the_true_ones():
     floor = float(sd.ritz_residuals.min())
     assert floor > 0
     assert torch.all(torch.clamp_min(result.residual_norms[0] * result.ritz(0)[1][-1, top].abs(), floor) >= 0.5 * true)
+
+
+@pytest.mark.parametrize("kind", ["haar", "axis"])
+def test_monitor_top_values_see_a_repeated_outlier_through_the_block_of_runs(kind):
+    """One Krylov space holds one copy of a repeated eigenvalue; the runs together see two."""
+    lam = hessian_like_eigenvalues(N, seed=7, outliers=(100.0, 100.0, 50.0, 20.0))
+    op = MatrixOperator(with_eigenvectors(lam, kind, seed=7))
+    hits = 0
+    for seed in range(10):
+        sd = spectral_density(op, num_runs=3, num_steps=40, seed=seed, grid_size=2)
+        values, residuals = sd.top_ritz_values(3)
+        assert values.numel() == 3 and torch.all(residuals >= 0)
+        assert torch.all(values <= torch.tensor([100.0, 100.0, 50.0], dtype=torch.float64) + 1e-6)  # never above
+        hits += int(torch.allclose(values, torch.tensor([100.0, 100.0, 50.0], dtype=torch.float64), atol=1e-6))
+    assert hits >= 9
