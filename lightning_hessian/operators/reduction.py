@@ -18,7 +18,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["LossReduction", "check_loss_reduction", "check_operator_loss_reduction", "detect_loss_reduction", "split_batch"]
+from lightning_hessian.operators._batches import _cast_floats
+
+__all__ = [
+    "LossReduction",
+    "check_loss_reduction",
+    "check_operator_loss_reduction",
+    "detect_loss_reduction",
+    "split_batch",
+]
 
 LossReduction = Literal["mean", "sum", "unknown"]
 
@@ -53,7 +61,9 @@ def split_batch(batch: Any, at: int) -> tuple[Any, Any]:
 
 
 @torch.no_grad()
-def detect_loss_reduction(loss_of_batch: Callable[[Any], Tensor], batch: Any, *, rtol: float = 1e-3) -> LossReduction:
+def detect_loss_reduction(
+    loss_of_batch: Callable[[Any], Tensor], batch: Any, *, rtol: float = 1e-3
+) -> LossReduction:
     """Whether ``loss_of_batch`` averages or sums over the samples of ``batch`` (a dry run).
 
     Three forward passes (the batch and its two halves), no gradient. ``"unknown"`` when the
@@ -90,7 +100,9 @@ def detect_loss_reduction(loss_of_batch: Callable[[Any], Tensor], batch: Any, *,
     return "unknown"
 
 
-def check_loss_reduction(loss_of_batch: Callable[[Any], Tensor], batch: Any, *, where: str = "the loss") -> LossReduction:
+def check_loss_reduction(
+    loss_of_batch: Callable[[Any], Tensor], batch: Any, *, where: str = "the loss"
+) -> LossReduction:
     """:func:`detect_loss_reduction`, with a ``UserWarning`` naming the fix when the loss is summed."""
     reduction = detect_loss_reduction(loss_of_batch, batch)
     if reduction == "sum":
@@ -107,7 +119,13 @@ def check_loss_reduction(loss_of_batch: Callable[[Any], Tensor], batch: Any, *, 
 
 def check_operator_loss_reduction(op: Any) -> LossReduction:
     """Dry-run :func:`check_loss_reduction` on a :class:`HessianOperator`'s first local batch."""
-    with op._guarded():
-        for batch, _ in op._batches():
-            return check_loss_reduction(op._wrapper, batch, where="The Hessian operator's loss")
+    try:
+        with op._guarded():
+            for batch, _ in op._batches():
+                params = list(op._wrapper.parameters())
+                if params:  # the model's own dtype (batches may be cast for ``compute_dtype``)
+                    batch = _cast_floats(batch, params[0].dtype)
+                return check_loss_reduction(op._wrapper, batch, where="The Hessian operator's loss")
+    except Exception:  # noqa: BLE001 - a diagnostic must never stop the analysis
+        return "unknown"
     return "unknown"
