@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,7 +9,12 @@ import torch
 from torch import Tensor
 
 from lightning_hessian._random import make_generator
-from lightning_hessian.lanczos import LanczosResult, lanczos
+from lightning_hessian.lanczos import (
+    ROUNDING_FACTOR,
+    LanczosResult,
+    lanczos,
+    rounding_floor,
+)
 from lightning_hessian.operators import CurvatureOperator
 
 __all__ = ["EigenResult", "top_eigenvalues"]
@@ -42,16 +46,9 @@ class EigenResult:
     method: str
 
 
-#: Rounding error of a network's HVP in units of ``eps_dtype * ||H||``: the float32 digits MLP's
-#: products differ from its exact float64 Hessian by up to 8 of them (forward and backward
-#: rounding both count), so reported residuals are floored at this many.
-ROUNDING_FACTOR = 10.0
-
-
 def _rounding_floor(op: CurvatureOperator, scale: float) -> float:
     """Residual floor of products in the operator's dtype: ``eps_dtype * ||H||``."""
-    dtype = getattr(op, "dtype", torch.float64)
-    return float(torch.finfo(dtype).eps) * scale
+    return rounding_floor(getattr(op, "dtype", torch.float64), scale)
 
 
 def _error_bounds(theta: Tensor, resid: Tensor, target: Tensor) -> Tensor:

@@ -15,11 +15,22 @@ from torch import Tensor
 
 from lightning_hessian.operators import CurvatureOperator
 
-__all__ = ["LanczosResult", "lanczos"]
+__all__ = ["ROUNDING_FACTOR", "LanczosResult", "lanczos", "rounding_floor"]
 
 #: A run stops ("happy breakdown": its Krylov space is invariant) when the new residual norm
 #: falls below this fraction of the largest |alpha|/beta seen so far in that run.
 BREAKDOWN_RTOL = 1e-10
+
+
+#: Rounding error of a network's HVP in units of ``eps_dtype * ||H||``: the float32 digits MLP's
+#: products differ from its exact float64 Hessian by up to 8 of them (forward and backward
+#: rounding both count), so reported residuals are floored at this many.
+ROUNDING_FACTOR = 10.0
+
+
+def rounding_floor(dtype: torch.dtype, scale: float) -> float:
+    """``eps_dtype * scale``: the rounding level of products in ``dtype`` of an operator of norm ``scale``."""
+    return float(torch.finfo(dtype).eps) * scale
 
 
 @dataclass

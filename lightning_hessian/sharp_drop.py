@@ -17,6 +17,8 @@ import operator
 import statistics
 from typing import Any, NamedTuple
 
+from lightning_hessian._stats import normal_quantile
+
 __all__ = ["TraceHistory", "TraceSharpDropDetector"]
 
 # Robust-scale constant: 1.4826 * MAD estimates the standard deviation of Gaussian data.
@@ -339,7 +341,15 @@ class TraceSharpDropDetector:
         self._f_stderrs.append(stderr if stderr is not None and math.isfinite(stderr) else 0.0)
         return True
 
-    def update(self, epoch: int, trace: float, stderr: float | None = None) -> bool:
+    def update(
+        self,
+        epoch: int,
+        trace: float,
+        stderr: float | None = None,
+        *,
+        interval: tuple[float, float] | None = None,
+        interval_level: float = 0.95,
+    ) -> bool:
         """Record one evaluation; ``True`` exactly when it confirms the sharp drop.
 
         Args:
@@ -348,6 +358,13 @@ class TraceSharpDropDetector:
                 ignored (returns ``False``).
             stderr: Standard error of ``trace`` (>= 0), or ``None`` if unknown; a NaN/Inf
                 standard error is treated as unknown.
+            interval: A two-sided confidence interval of ``trace`` at ``interval_level``
+                (e.g. :meth:`~lightning_hessian.SpectralDensity.trace_confidence_interval`).
+                When given it replaces ``stderr``: the uncertainty used is its half-width over
+                the normal quantile of ``interval_level`` (1.96 at 0.95), so a Student-t
+                interval from few probes (4.30 standard errors wide with 3 runs) widens the
+                standard-error test accordingly; an infinite interval means unknown.
+            interval_level: Confidence level of ``interval``.
 
         Returns:
             ``True`` on the one evaluation that confirms a drop, ``False`` otherwise (also on
@@ -357,6 +374,14 @@ class TraceSharpDropDetector:
             ValueError: If ``epoch`` is not strictly increasing or ``stderr`` is negative.
             TypeError: If ``epoch`` is not an integer.
         """
+        if interval is not None:
+            if not 0 < interval_level < 1:
+                raise ValueError(f"`interval_level` must be in (0, 1), got {interval_level}.")
+            low, high = float(interval[0]), float(interval[1])
+            if high < low:
+                raise ValueError(f"`interval` must be (low, high) with low <= high, got {interval!r}.")
+            half = 0.5 * (high - low)
+            stderr = half / normal_quantile(0.5 + interval_level / 2) if math.isfinite(half) else None
         finite = self._record(epoch, trace, stderr)
         if self.flagged or not finite:
             return False

@@ -27,14 +27,28 @@ def hessian_like_eigenvalues(
     return torch.cat([torch.tensor(outliers, dtype=torch.float64), bulk, zeros, negatives])
 
 
-def with_eigenvectors(eigvals: Tensor, kind: Literal["haar", "axis"] = "haar", seed: int = 0) -> Tensor:
-    """``Q diag(eigvals) Q^T`` with Haar-random ``Q`` or a random permutation (axis-aligned)."""
+def with_eigenvectors(
+    eigvals: Tensor, kind: Literal["haar", "axis"] = "haar", seed: int = 0, num_axis: int = 10
+) -> Tensor:
+    """``Q diag(eigvals) Q^T`` with Haar-random ``Q``, or (``"axis"``) the ``num_axis`` eigenvalues
+    of largest magnitude on coordinate axes and the rest Haar-rotated among the other coordinates.
+
+    With ``"axis"`` Rademacher probes see the same outlier Ritz vectors in every run (the case
+    that fooled the old cross-run multiplicity test) while Hutchinson keeps a real variance.
+    """
     n = eigvals.numel()
     g = torch.Generator().manual_seed(seed)
-    if kind == "axis":
-        perm = torch.randperm(n, generator=g)
-        return torch.diag(eigvals[perm])
     q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     q = q * torch.sign(torch.diagonal(r))
+    if kind == "axis":
+        order = torch.argsort(eigvals.abs(), descending=True)
+        eigvals = eigvals[order]
+        m = n - num_axis
+        q = torch.zeros(n, n, dtype=torch.float64)
+        q[:num_axis, :num_axis] = torch.eye(num_axis, dtype=torch.float64)
+        sub, r = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+        q[num_axis:, num_axis:] = sub * torch.sign(torch.diagonal(r))
+        perm = torch.randperm(n, generator=g)
+        q = q[perm]
     a = (q * eigvals) @ q.T
     return 0.5 * (a + a.T)

@@ -21,10 +21,13 @@ from tests.lightning_helpers import DigitsModule, digits_dataset, digits_loader,
 SCALARS = [
     "trace",
     "trace_stderr",
+    "trace_ci_low",
+    "trace_ci_high",
     "top_eigenvalue",
     "top_eigenvalue_2",
     "min_eigenvalue",
     "negative_mass",
+    "negative_mass_threshold",
     "num_hvps",
     "seconds",
     "trace_sharp_drop",
@@ -87,6 +90,14 @@ def test_tensorboard_logs_and_exact_values(tmp_path: Path):
     exact_trace = float(eig.sum())
     assert stderr > 0
     assert abs(trace - exact_trace) <= 5 * stderr  # t(3 dof) 99.5 % is ~5.8
+    low, high = acc.Scalars("hessian/trace_ci_low")[-1].value, acc.Scalars("hessian/trace_ci_high")[-1].value
+    assert high - low == pytest.approx(2 * 3.182446 * stderr, rel=1e-4)  # Student t, 3 dof, 95 %
+    assert low <= trace <= high
+    tau = acc.Scalars("hessian/negative_mass_threshold")[-1].value
+    assert 0 < tau < 0.03 * float(eig.abs().max())  # relative to the bulk, not the outliers
+    assert acc.Scalars("hessian/negative_mass")[-1].value == pytest.approx(
+        monitor.last_density.negative_fraction(threshold=tau), rel=1e-5
+    )
     assert acc.Scalars("hessian/min_eigenvalue")[-1].value >= float(eig[0]) - 1e-5
     assert acc.Scalars("hessian/num_hvps")[-1].value == 4 * 40
 

@@ -142,3 +142,33 @@ def test_steps_capped_at_dimension():
     res = lanczos(MatrixOperator(_rotated(lam, seed=9)), _starts(12, 1, seed=10), 100)
     assert res.steps[0] <= 12
     assert torch.allclose(res.ritz(0)[0], lam, atol=1e-10)
+
+
+def test_basis_free_mode_keeps_extremes_and_shows_ghosts():
+    """store_basis=False (the monitor's lanczos_basis="none"): local orthogonality only.
+
+    Extreme Ritz values still converge; once the top one has, orthogonality is lost and it comes
+    back as a spurious copy (a "ghost"): measured here, as the documentation says.
+    """
+    lam = torch.cat([torch.tensor([50.0, 20.0], dtype=torch.float64), torch.linspace(0.0, 1.0, 298, dtype=torch.float64)])
+    op = MatrixOperator(_rotated(lam, seed=9))
+    starts = _starts(300, 2, seed=9)
+    full = lanczos(op, starts, 80)
+    free = lanczos(op, starts, 80, store_basis=False)
+    assert free.basis is None
+    for r in range(2):
+        top_full, top_free = full.ritz(r)[0], free.ritz(r)[0]
+        assert abs(float(top_free[-1]) - 50.0) < 1e-8 and abs(float(top_full[-1]) - 50.0) < 1e-8
+        ghosts_free = int(((top_free - 50.0).abs() < 1e-6).sum())
+        ghosts_full = int(((top_full - 50.0).abs() < 1e-6).sum())
+        assert ghosts_full == 1
+        assert ghosts_free >= 2  # the ghost copies of the converged outlier
+        # the quadrature weight is shared between the copies: their total stays the probe's weight
+        theta, u = free.ritz(r)
+        w_free = float((u[0, (theta - 50.0).abs() < 1e-6] ** 2).sum())
+        theta_f, u_f = full.ritz(r)
+        w_full = float((u_f[0, (theta_f - 50.0).abs() < 1e-6] ** 2).sum())
+        assert w_free == pytest.approx(w_full, rel=1e-3)
+    sd = spectral_density(op, num_runs=2, num_steps=80, store_basis=False)
+    assert sd.loo_trace_samples is None and sd.deflated_weights is None
+    assert sd.deflated_trace == sd.trace

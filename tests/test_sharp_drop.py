@@ -510,3 +510,26 @@ def test_non_integer_epoch_rejected() -> None:
     with pytest.raises(TypeError, match="`epoch` must be an int"):
         TraceSharpDropDetector().update(1.5, 1.0)
     assert TraceSharpDropDetector().update(np.int64(3), 1.0) is False  # numpy ints are fine
+
+
+def test_interval_replaces_stderr_by_its_half_width_over_the_normal_quantile():
+    series = [10.0] * 8 + [9.0, 6.0, 3.0] + [3.0] * 4
+    by_stderr = TraceSharpDropDetector()
+    by_interval = TraceSharpDropDetector()
+    for epoch, x in enumerate(series):
+        a = by_stderr.update(epoch, x, stderr=0.5)
+        b = by_interval.update(epoch, x, interval=(x - 0.5 * 1.959964, x + 0.5 * 1.959964))
+        assert a == b
+    assert by_stderr.flagged and by_interval.flagged
+    assert by_interval.history.stderrs[-1] == pytest.approx(0.5, rel=1e-6)
+    # a wide (few-probe Student-t) interval blocks the confirmation the stderr alone would allow
+    wide = TraceSharpDropDetector()
+    for epoch, x in enumerate(series):
+        wide.update(epoch, x, interval=(x - 5.0, x + 5.0))
+    assert not wide.flagged
+    # an infinite interval is "unknown", a reversed one is an error
+    unknown = TraceSharpDropDetector()
+    unknown.update(0, 1.0, interval=(float("-inf"), float("inf")))
+    assert unknown.history.stderrs[-1] is None
+    with pytest.raises(ValueError, match="interval"):
+        unknown.update(1, 1.0, interval=(2.0, 1.0))
