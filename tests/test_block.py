@@ -32,12 +32,17 @@ def _index(op: HessianOperator, names: list[str]) -> torch.Tensor:
     return torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
 
 
-@pytest.mark.parametrize("names", [["3.weight", "3.bias"], ["0.weight", "3.bias"], ["1.weight"]])
-def test_block_equals_exact_submatrix(names):
+@pytest.fixture(scope="module")
+def layernorm_case():
     model = tanh_mlp(layernorm=True)  # Linear, LayerNorm, Tanh, Linear
     batches = classification_batches()
+    return model, batches, exact_loss_hessian(model, F.cross_entropy, batches)
+
+
+@pytest.mark.parametrize("names", [["3.weight", "3.bias"], ["0.weight", "3.bias"], ["1.weight"]])
+def test_block_equals_exact_submatrix(names, layernorm_case):
+    model, batches, exact = layernorm_case
     op = HessianOperator(model, F.cross_entropy, batches)
-    exact = exact_loss_hessian(model, F.cross_entropy, batches)
     idx = _index(op, names)
     exact_block = exact[idx][:, idx]
     block = op.block(names)
@@ -46,7 +51,7 @@ def test_block_equals_exact_submatrix(names):
     dense = identity_products(block)
     assert torch.allclose(dense, exact_block, rtol=1e-10, atol=1e-12)
     eig = torch.linalg.eigvalsh(exact_block)
-    top = top_eigenvalues(block, k=1, tol=1e-10, max_iter=idx.numel())
+    top = top_eigenvalues(block, k=1, tol=1e-9, max_iter=min(idx.numel(), 30))
     assert top.values[0].item() == pytest.approx(eig[-1].item(), rel=1e-5)
     trace = hessian_trace(block, method="hutch++", num_probes=3 * idx.numel())  # sketch spans R^n: exact
     assert trace.value == pytest.approx(eig.sum().item(), rel=1e-5)
@@ -116,9 +121,9 @@ def test_parameter_blocks_resolution():
     assert module_blocks(Mixed()) == {"scale": ["scale"], "a": ["a.weight", "a.bias"], "b": ["b.weight", "b.bias"]}
 
 
-def test_block_traces_sum_to_plain_hutchinson_of_same_probes():
-    model = tanh_mlp(layernorm=True)
-    op = HessianOperator(model, F.cross_entropy, classification_batches())
+def test_block_traces_sum_to_plain_hutchinson_of_same_probes(layernorm_case):
+    model, batches, _ = layernorm_case
+    op = HessianOperator(model, F.cross_entropy, batches)
     recorder = FirstProductRecorder(op)
     sd = spectral_density(recorder, num_runs=6, num_steps=12, seed=3)
     blocks = {name: [s] for name, s in parameter_slices(op).items()}  # a partition
@@ -130,11 +135,9 @@ def test_block_traces_sum_to_plain_hutchinson_of_same_probes():
         block_trace_samples(torch.randn(op.num_params, 2), torch.randn(op.num_params, 2), blocks)
 
 
-def test_block_traces_are_unbiased_within_error_bars():
-    model = tanh_mlp(layernorm=True)
-    batches = classification_batches()
+def test_block_traces_are_unbiased_within_error_bars(layernorm_case):
+    model, batches, exact = layernorm_case
     op = HessianOperator(model, F.cross_entropy, batches)
-    exact = exact_loss_hessian(model, F.cross_entropy, batches)
     slices = parameter_slices(op)
     blocks = {"first": [slices["0.weight"], slices["0.bias"]], "norm": [slices["1.weight"], slices["1.bias"]], "last": [slices["3.weight"]]}
     recorder = FirstProductRecorder(op)
@@ -165,7 +168,7 @@ def test_monitor_block_metrics_against_exact(tmp_path: Path):
     monitor = HessianMonitor(
         num_runs=12, num_steps=6, analysis_fraction=0.2, blocks="modules", block_top_eigenvalues=True, log_density=False
     )
-    module = DigitsModule(hidden=8)
+    module = DigitsModule(hidden=4)
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = _fit(module, monitor, logger=logger)
     row = monitor.history[-1]
