@@ -20,11 +20,25 @@ from lightning_hessian import (
     spectral_density,
     top_eigenvalues,
 )
-from lightning_hessian.block_trace import FirstProductRecorder, block_trace_samples, block_traces
+from lightning_hessian.block_trace import (
+    FirstProductRecorder,
+    block_trace_samples,
+    block_traces,
+)
 from lightning_hessian.callbacks import HessianMonitor
 from lightning_hessian.operators.block import module_blocks, parameter_slices
-from tests.curvature_truth import classification_batches, exact_loss_hessian, identity_products, tanh_mlp
-from tests.lightning_helpers import DigitsModule, digits_dataset, digits_loader, trainer_kwargs
+from tests.curvature_truth import (
+    classification_batches,
+    exact_loss_hessian,
+    identity_products,
+    tanh_mlp,
+)
+from tests.lightning_helpers import (
+    DigitsModule,
+    digits_dataset,
+    digits_loader,
+    trainer_kwargs,
+)
 
 
 def _index(op: HessianOperator, names: list[str]) -> torch.Tensor:
@@ -186,6 +200,7 @@ def test_monitor_block_metrics_against_exact(tmp_path: Path):
         assert row[f"top_eigenvalue/{block}"] == pytest.approx(torch.linalg.eigvalsh(sub)[-1].item(), rel=1e-4)
         assert f"hessian/trace/{block}" in trainer.callback_metrics
     # the partition's block traces sum to the plain Hutchinson trace of the same probes
+    assert row["trace/net.0"] + row["trace/net.2"] == pytest.approx(monitor.last_density.trace, rel=1e-12)
     assert row["num_hvps"] > 12 * 6  # the block Lanczos runs are counted
     acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "scalars": 0})
     acc.Reload()

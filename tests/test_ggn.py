@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_hessian import GGNOperator, HessianOperator, spectral_density, top_eigenvalues
+from lightning_hessian import (
+    GGNOperator,
+    HessianOperator,
+    spectral_density,
+    top_eigenvalues,
+)
 from lightning_hessian.callbacks import HessianMonitor
 from lightning_hessian.callbacks._base import default_classification_loss
 from tests.curvature_truth import (
@@ -112,7 +117,7 @@ def test_mse_ggn_and_linear_least_squares_equals_hessian():
 
 
 def test_float32_model_in_float64_and_model_state_untouched(ce_case):
-    model, batches, truth = ce_case
+    _model, batches, truth = ce_case
     m32 = tanh_mlp(layernorm=True).float()
     b32 = [(x.float(), y) for x, y in batches]
     before = {k: v.clone() for k, v in m32.state_dict().items()}
@@ -141,7 +146,12 @@ def test_monitor_ggn_top_eigenvalue_matches_exact():
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, Subset
 
-    from tests.lightning_helpers import DigitsModule, digits_dataset, digits_loader, trainer_kwargs
+    from tests.lightning_helpers import (
+        DigitsModule,
+        digits_dataset,
+        digits_loader,
+        trainer_kwargs,
+    )
 
     pl.seed_everything(0, verbose=False)
     module = DigitsModule(hidden=4)

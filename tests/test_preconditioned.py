@@ -27,7 +27,12 @@ from lightning_hessian.block_trace import FirstProductRecorder, block_traces
 from lightning_hessian.callbacks import HessianMonitor, default_classification_loss
 from lightning_hessian.operators.block import parameter_slices
 from tests.curvature_truth import classification_batches, exact_loss_hessian, tanh_mlp
-from tests.lightning_helpers import DigitsModule, digits_dataset, digits_loader, trainer_kwargs
+from tests.lightning_helpers import (
+    DigitsModule,
+    digits_dataset,
+    digits_loader,
+    trainer_kwargs,
+)
 
 
 def _train(model, optimizers, batches, steps):
@@ -240,7 +245,7 @@ def _reference(record: dict[str, Any], monitor_kwargs: dict[str, Any], curvature
 def test_ddp_block_ggn_preconditioned_equal_single_process(tmp_path):
     from tests.ddp_helpers import digits_module, fit, hessian_monitor
 
-    common = dict(num_runs=2, num_steps=8, preconditioned=True)
+    common = {"num_runs": 2, "num_steps": 8, "preconditioned": True}
     monitors = [
         hessian_monitor(blocks="modules", block_top_eigenvalues=True, **common),
         hessian_monitor(curvature="ggn", blocks=GGN_BLOCKS, prefix="hessian/ggn/", **common),

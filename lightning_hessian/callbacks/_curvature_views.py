@@ -124,9 +124,9 @@ class CurvatureViews:
                     values[f"top_eigenvalue/{name}"] = float(result.values[0])
                     self.extra_hvps += result.num_hvps
         if self.preconditioned or self.sharpness_threshold:
-            params, names = list(op.parameters()), list(op.parameter_names())
+            tensors, names = list(op.parameters()), list(op.parameter_names())
             try:
-                threshold = stability_threshold(params, optimizers, names)
+                threshold = stability_threshold(tensors, optimizers, names)
                 pre = preconditioned_operator(op, optimizers) if self.preconditioned else None
             except ValueError as err:  # e.g. a parameter that never received a gradient
                 raise HessianComputationError(str(err)) from err

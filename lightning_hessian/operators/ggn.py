@@ -193,7 +193,7 @@ class GGNOperator(HessianOperator):
             out = torch.func.functional_call(self.model, {**consts, **dict(zip(names, params))}, (inputs,))
             return self._check_outputs(out)
 
-        outputs, vjp_fn = torch.func.vjp(forward, primals)
+        outputs, vjp_fn = torch.func.vjp(forward, primals)[:2]
 
         def jvp_one(tangent: tuple[Tensor, ...]) -> Tensor:
             return torch.func.jvp(forward, (primals,), (tangent,))[1]
@@ -253,7 +253,7 @@ class GGNOperator(HessianOperator):
                     raise
                 try:
                     result = self._autograd_ggn(batch, tangents)
-                except Exception:
+                except Exception:  # noqa: BLE001 - the original error is re-raised
                     raise err from None
                 self._backend = "autograd"
                 if not self._fallback_warned:

@@ -15,7 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_hessian.operators.base import CurvatureOperator, _check_matrix, _matvec_via_matmat
+from lightning_hessian.operators.base import (
+    CurvatureOperator,
+    _check_matrix,
+    _matvec_via_matmat,
+)
 from lightning_hessian.optim_state import adam_state
 
 __all__ = ["PreconditionedOperator", "adam_preconditioner", "preconditioned_operator"]
