@@ -261,3 +261,29 @@ def test_ddp_block_ggn_preconditioned_equal_single_process(tmp_path):
             assert abs(got[0] - value) <= 1e-5 * max(abs(value), 1e-12), (prefix, key, got[0], value)
         ratio = logged[0][f"{prefix}sharpness_ratio"]
         assert ratio == pytest.approx(reference["preconditioned_sharpness"] / ((2 + 2 * 0.9) / ((1 - 0.9) * 0.03)), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_block_ggn_preconditioned_match_cpu():
+    model = tanh_mlp()
+    batches = classification_batches()
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    _train(model, [adam], batches, steps=2)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64)
+    cpu = {
+        "block": HessianOperator(model, F.cross_entropy, batches).block(["2.weight"]).matmat(v[-18:]),
+        "ggn": GGNOperator(model, F.cross_entropy, batches).matmat(v),
+        "pre": preconditioned_operator(HessianOperator(model, F.cross_entropy, batches), adam).matmat(v),
+    }
+    model.cuda()
+    adam_cuda = torch.optim.Adam(model.parameters(), lr=0.01)
+    adam_cuda.load_state_dict(adam.state_dict())
+    on_gpu = [(x.cuda(), y.cuda()) for x, y in batches]
+    gpu = {
+        "block": HessianOperator(model, F.cross_entropy, on_gpu).block(["2.weight"]).matmat(v[-18:].cuda()),
+        "ggn": GGNOperator(model, F.cross_entropy, on_gpu).matmat(v.cuda()),
+        "pre": preconditioned_operator(HessianOperator(model, F.cross_entropy, on_gpu), adam_cuda).matmat(v.cuda()),
+    }
+    for key, value in cpu.items():
+        assert gpu[key].device.type == "cuda"
+        assert torch.allclose(gpu[key].cpu(), value, rtol=1e-9, atol=1e-12), key
