@@ -106,7 +106,10 @@ class GGNOperator(HessianOperator):
         **kwargs: Everything else :class:`~lightning_hessian.HessianOperator` takes
             (``batch_size_fn``, ``backend``, ``compute_dtype``, ``all_reduce``, ...). With
             ``backend="auto"`` a model without forward-mode AD falls back (with a warning) to
-            the double-VJP trick :math:`Jv = \partial_w (v^\top J^\top w)`.
+            the double-VJP trick :math:`Jv = \partial_w (v^\top J^\top w)`, which is also used
+            for products of fewer than ``func_min_vectors`` vectors (on the digits MLP one GGN
+            product takes 6.7 ms that way against 13.6 ms by ``torch.func``; ten vectors take
+            20 ms vmapped against 33 ms).
 
     Example:
         >>> import torch
@@ -245,6 +248,8 @@ class GGNOperator(HessianOperator):
             if self._backend == "autograd":
                 return self._autograd_ggn(batch, tangents)
             if self._backend == "func":
+                if self._requested == "auto" and tangents[0].shape[0] < self.func_min_vectors:
+                    return self._autograd_ggn(batch, tangents)  # cheaper for a few vectors (~2x for one)
                 return self._func_ggn(batch, tangents)
             try:  # "auto": decide once, on the first batch
                 result = self._func_ggn(batch, tangents)
