@@ -115,7 +115,11 @@ class CurvatureViews:
                 raise HessianComputationError("Block traces: the spectral density made no product to read.")
             slices = parameter_slices(op)
             layout = {name: [slices[p] for p in params] for name, params in self.block_names.items()}
-            for name, estimate in block_traces(recorder.inputs, recorder.products, layout).items():
+            try:
+                estimates = block_traces(recorder.inputs, recorder.products, layout)
+            except ValueError as err:  # the density's first product was not of Rademacher probes
+                raise HessianComputationError(f"Block traces: {err}") from err
+            for name, estimate in estimates.items():
                 values[f"trace/{name}"] = estimate.value
                 values[f"trace_stderr/{name}"] = estimate.stderr
             if self.block_top_eigenvalues:
