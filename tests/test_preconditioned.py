@@ -189,6 +189,22 @@ def test_monitor_sgd_threshold_and_fail_fast():
         HessianMonitor(preconditioned=True, sharpness_threshold=True)
 
 
+class WithUnusedParameter(DigitsModule):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.unused = torch.nn.Parameter(torch.zeros(3))  # never gets a gradient: no Adam state
+
+
+def test_missing_adam_state_gives_nan_preconditioned_values_only():
+    monitor = HessianMonitor(num_runs=2, num_steps=6, preconditioned=True, blocks="modules", log_density=False)
+    with pytest.warns(UserWarning, match=r"No Adam second moments.*unused"):
+        _fit(WithUnusedParameter(hidden=4, optimizer="adam", lr=0.01), [monitor], max_epochs=1)
+    row = monitor.history[-1]
+    assert math.isfinite(row["trace"]) and math.isfinite(row["top_eigenvalue"]) and math.isfinite(row["trace/net"])
+    assert math.isnan(row["preconditioned_sharpness"]) and math.isnan(row["sharpness_ratio"])
+    assert math.isnan(row["preconditioned_sharpness_threshold"])
+
+
 def test_views_leave_training_bit_identical():
     base = DigitsModule(hidden=8, dropout=0.2, optimizer="adam", lr=0.01)
     with_cb, without_cb = copy.deepcopy(base), copy.deepcopy(base)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_hessian.block_trace import FirstProductRecorder, block_traces
 from lightning_hessian.eigen import top_eigenvalues
@@ -132,8 +133,12 @@ class CurvatureViews:
             try:
                 threshold = stability_threshold(tensors, optimizers, names)
                 pre = preconditioned_operator(op, optimizers) if self.preconditioned else None
-            except ValueError as err:  # e.g. a parameter that never received a gradient
-                raise HessianComputationError(str(err)) from err
+            except ValueError as err:  # e.g. a parameter that never received a gradient: no Adam state
+                rank_zero_warn(f"HessianMonitor: edge-of-stability metrics are NaN at this evaluation: {err}")
+                for key, value in self.nan_values().items():
+                    if not key.startswith(("trace/", "trace_stderr/", "top_eigenvalue/")):
+                        values[key] = value
+                return values
             if pre is not None:
                 sharpness = float(top_eigenvalues(pre, k=1, seed=self.seed, return_vectors=False).values[0])
                 values["preconditioned_sharpness"] = sharpness
