@@ -303,3 +303,22 @@ def test_cuda_block_ggn_preconditioned_match_cpu():
     for key, value in cpu.items():
         assert gpu[key].device.type == "cuda"
         assert torch.allclose(gpu[key].cpu(), value, rtol=1e-9, atol=1e-12), key
+
+
+def test_edge_of_stability_example_runs_and_its_thresholds_are_the_core_ones():
+    """The example's own training and monitor settings, a few steps: the logged thresholds are exact."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "edge_of_stability.py"
+    spec = importlib.util.spec_from_file_location("edge_of_stability", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)  # type: ignore[union-attr]
+    sgd = example.run("sgd", 0.2, steps=6, every=3)
+    adam = example.run("adam", 0.003, steps=6, every=3)
+    assert [r["sharpness_threshold"] for r in sgd["history"]] == [2 / 0.2] * 2
+    assert [r["preconditioned_sharpness_threshold"] for r in adam["history"]] == [(2 + 2 * 0.9) / ((1 - 0.9) * 0.003)] * 2
+    assert all(math.isfinite(r["preconditioned_sharpness"]) and r["preconditioned_sharpness"] > 0 for r in adam["history"])
+    assert len(sgd["losses"]) == 6
+    lines = example.verdicts(sgd) + example.verdicts(adam)
+    assert len(lines) == 5 and all(line.startswith("VERDICT") for line in lines)
