@@ -229,3 +229,26 @@ def test_monitor_blocks_fail_fast_and_nan_on_failure():
         _fit(poisoned, monitor)
     assert math.isfinite(monitor.history[0]["trace/net.0"])
     assert math.isnan(monitor.history[1]["trace/net.0"]) and math.isnan(monitor.history[1]["trace_stderr/net.2"])
+
+
+def test_lightning_cli_config_with_blocks_ggn_preconditioned(tmp_path: Path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  max_epochs: 1\n"
+        "  logger: false\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_hessian.callbacks.HessianMonitor\n"
+        "      init_args:\n"
+        "        curvature: ggn\n"
+        "        blocks:\n"
+        "          hidden: '^net\\.0\\.'\n"
+        "          head: [net.2.weight, net.2.bias]\n"
+        "        preconditioned: true\n"
+    )
+    cli = LightningCLI(DigitsModule, run=False, args=["--config", str(config)])
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, HessianMonitor)]
+    assert monitor.curvature == "ggn" and monitor.views.preconditioned
+    assert monitor.views.blocks == {"hidden": r"^net\.0\.", "head": ["net.2.weight", "net.2.bias"]}

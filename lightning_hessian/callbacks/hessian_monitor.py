@@ -198,7 +198,7 @@ class HessianMonitor(CurvatureCallback):
         every_n_train_steps: int | None = None,
         max_overhead: float | None = None,
         curvature: Literal["hessian", "ggn"] = "hessian",
-        blocks: Any = None,
+        blocks: str | dict[str, list[str] | str] | None = None,
         block_top_eigenvalues: bool = False,
         preconditioned: bool = False,
         sharpness_threshold: bool = False,
