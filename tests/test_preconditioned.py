@@ -187,6 +187,11 @@ def test_monitor_sgd_threshold_and_fail_fast():
         assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # before the first step
     with pytest.raises(ValueError, match="not both"):
         HessianMonitor(preconditioned=True, sharpness_threshold=True)
+    views = HessianMonitor(preconditioned=True).views
+    model = DigitsModule(hidden=4)
+    with pytest.raises(ValueError, match="Adamax keeps an infinity norm"):
+        views.check_optimizers(model, torch.optim.Adamax(model.parameters()))
+    views.check_optimizers(model, torch.optim.AdamW(model.parameters()))
 
 
 class WithUnusedParameter(DigitsModule):

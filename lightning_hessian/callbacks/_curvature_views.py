@@ -19,7 +19,11 @@ from lightning_hessian.eigen import top_eigenvalues
 from lightning_hessian.errors import HessianComputationError
 from lightning_hessian.operators import parameter_blocks, preconditioned_operator
 from lightning_hessian.operators.block import parameter_slices
+from lightning_hessian.optim_state import param_groups
 from lightning_hessian.stability import StabilityThreshold, stability_threshold
+
+#: Adam-family optimizers that keep no ``exp_avg_sq`` (Adamax: an infinity norm ``exp_inf``).
+_WITHOUT_EXP_AVG_SQ = ("Adamax",)
 
 __all__ = ["CurvatureViews"]
 
@@ -88,6 +92,15 @@ class CurvatureViews:
             threshold = self._threshold(pl_module, optimizers)
         except ValueError as err:
             raise ValueError(f"HessianMonitor({option}): {err}") from None
+        if self.preconditioned:
+            owners = param_groups(_trainable(pl_module)[0], optimizers)
+            classes = {type(o.optimizer).__name__ for o in owners if o is not None}
+            without = sorted(classes & set(_WITHOUT_EXP_AVG_SQ))
+            if without:
+                raise ValueError(
+                    f"HessianMonitor(preconditioned=True): {', '.join(without)} keeps an infinity norm (exp_inf), not "
+                    "Adam's exp_avg_sq, so P = diag(sqrt(v_hat) + eps) is undefined; use Adam/AdamW/NAdam/RAdam."
+                )
         if self.preconditioned and threshold.kind != "adam":
             raise ValueError(
                 "HessianMonitor(preconditioned=True) needs Adam-family optimizers (P = diag(sqrt(v_hat) + eps) is "
