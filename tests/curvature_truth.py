@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _as_double(x: Tensor) -> Tensor:
+    return x.double() if torch.is_floating_point(x) else x
+
+
 def _flat_params(model: nn.Module) -> tuple[list[str], list[torch.Size], Tensor]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [n for n, _ in named], [p.shape for _, p in named], torch.cat([p.detach().reshape(-1) for _, p in named])
@@ -41,7 +45,7 @@ def exact_loss_hessian(
         out = flat.new_zeros(())
         for x, y in batches:
             y = y.double() if torch.is_floating_point(y) else y
-            out = out + loss_fn(torch.func.functional_call(m64, params, (x.double(),)), y) * (x.shape[0] / total)
+            out = out + loss_fn(torch.func.functional_call(m64, params, (_as_double(x),)), y) * (x.shape[0] / total)
         return out
 
     hess = torch.autograd.functional.hessian(loss, flat0)
@@ -55,7 +59,7 @@ def exact_jacobians(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     names, shapes, flat0 = _flat_params(m64)
 
     def outputs(flat: Tensor) -> Tensor:
-        return torch.func.functional_call(m64, _unflat(names, shapes, flat), (x.double(),))
+        return torch.func.functional_call(m64, _unflat(names, shapes, flat), (_as_double(x),))
 
     return outputs(flat0).detach(), torch.autograd.functional.jacobian(outputs, flat0)
 

@@ -167,3 +167,41 @@ def test_monitor_ggn_top_eigenvalue_matches_exact():
     row = monitor.history[-1]
     assert row["top_eigenvalue"] == pytest.approx(eig[-1].item(), rel=1e-4)
     assert row["min_eigenvalue"] >= -1e-5 * eig[-1].item()
+
+
+def test_monitor_ggn_on_padded_sequences_matches_explicit_token_mean():
+    """[B, T, V] logits, -100 padding, default loss and weights: the GGN of the token mean."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    from tests.lightning_helpers import trainer_kwargs
+
+    class SeqModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.out = nn.Linear(4, 7)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.emb(tokens)))
+
+        def training_step(self, batch, batch_idx):
+            tokens, targets = batch
+            return F.cross_entropy(self(tokens).transpose(1, 2), targets)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 7, (40, 5), generator=g)
+    targets = tokens.roll(1, dims=1)
+    targets[::3, 3:] = -100  # padded tails of different lengths
+    data = TensorDataset(tokens, targets)
+    monitor = HessianMonitor(curvature="ggn", num_runs=2, num_steps=20, analysis_fraction=0.5, analysis_batch_size=7, log_density=False)
+    pl.seed_everything(0, verbose=False)
+    module = SeqModule()
+    pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_epochs=1)).fit(module, DataLoader(data, batch_size=10))
+    subset = Subset(data, monitor.analysis.indices)
+    x, y = next(iter(DataLoader(subset, batch_size=len(subset))))
+    truth = exact_ce_ggn(module, [(x, y)], class_dim=-1, ignore_index=-100)  # one batch: the token mean
+    assert monitor.history[-1]["top_eigenvalue"] == pytest.approx(torch.linalg.eigvalsh(truth)[-1].item(), rel=1e-4)
