@@ -139,7 +139,8 @@ def verdicts(result: dict[str, Any]) -> list[str]:
     rise = max(sharp) / sharp[0]
     out.append(
         f"VERDICT {label}: progressive sharpening ({what} rises by >= 50 % from its first logged value): "
-        f"{'reproduced' if rise >= 1.5 else 'not reproduced'} (max/first = {rise:.2f}, first {sharp[0]:.4g}, max {max(sharp):.4g})"
+        f"{'reproduced' if rise >= 1.5 else 'not reproduced'} "
+        f"(max/first = {rise:.2f}, first {sharp[0]:.4g}, max {max(sharp):.4g})"
     )
     ok = 0.9 <= mean_tail <= 1.1 and max(tail) <= 1.25
     out.append(
@@ -166,15 +167,24 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for result in results:
         steps = [r["epoch"] + 1 for r in result["history"]]
         if result["optimizer"] == "adam":
-            line = ax_adam.plot(steps, [r["preconditioned_sharpness"] for r in result["history"]], label=f"λmax(P⁻¹H), Adam η={result['lr']}")
+            line = ax_adam.plot(
+                steps,
+                [r["preconditioned_sharpness"] for r in result["history"]],
+                label=f"λmax(P⁻¹H), Adam η={result['lr']}",
+            )
             ax_adam.axhline(38 / result["lr"], ls="--", color=line[0].get_color(), label="38/η")
             ax_adam.plot(steps, [r["top_eigenvalue"] for r in result["history"]], color="grey", label="λmax(H)")
             ax_adam.axhline(2 / result["lr"], ls=":", color="grey", label="2/η")
             ax_adam.set_yscale("log")
         else:
-            line = ax_gd.plot(steps, [r["top_eigenvalue"] for r in result["history"]], label=f"λmax(H), GD η={result['lr']}")
+            line = ax_gd.plot(
+                steps, [r["top_eigenvalue"] for r in result["history"]], label=f"λmax(H), GD η={result['lr']}"
+            )
             ax_gd.axhline(2 / result["lr"], ls="--", color=line[0].get_color(), label=f"2/η = {2 / result['lr']:.0f}")
-    for ax, title in ((ax_gd, "gradient descent: sharpness vs 2/η"), (ax_adam, "Adam: preconditioned sharpness vs 38/η")):
+    for ax, title in (
+        (ax_gd, "gradient descent: sharpness vs 2/η"),
+        (ax_adam, "Adam: preconditioned sharpness vs 38/η"),
+    ):
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.legend(fontsize=8)
@@ -197,7 +207,11 @@ def main() -> None:
         results.append(result)
         print(f"\n{optimizer} lr={lr}: {steps} full-batch steps, {result['seconds']:.0f} s")
         adam = optimizer == "adam"
-        print(f"{'step':>6} {'loss':>8} {'λmax(H)':>9} {'2/η':>7}" + (f" {'λmax(P⁻¹H)':>11} {'38/η':>8}" if adam else "") + f" {'ratio':>6}")
+        print(
+            f"{'step':>6} {'loss':>8} {'λmax(H)':>9} {'2/η':>7}"
+            + (f" {'λmax(P⁻¹H)':>11} {'38/η':>8}" if adam else "")
+            + f" {'ratio':>6}"
+        )
         for row in result["history"]:
             step = int(row["epoch"]) + 1
             line = f"{step:>6} {result['losses'][step - 1]:>8.4f} {row['top_eigenvalue']:>9.3f} {2 / lr:>7.1f}"

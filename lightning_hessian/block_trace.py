@@ -90,7 +90,9 @@ def block_trace_samples(
             biased), or the shapes disagree.
     """
     if probes.shape != products.shape or probes.ndim != 2:
-        raise ValueError(f"`probes` and `products` must both be [n, R], got {tuple(probes.shape)}, {tuple(products.shape)}.")
+        raise ValueError(
+            f"`probes` and `products` must both be [n, R], got {tuple(probes.shape)}, {tuple(products.shape)}."
+        )
     q = probes.to(torch.float64)
     magnitude = q.abs()
     scale = magnitude.mean(dim=0, keepdim=True)
@@ -108,9 +110,7 @@ def block_trace_samples(
     return out
 
 
-def block_traces(
-    probes: Tensor, products: Tensor, blocks: Mapping[str, Sequence[slice]]
-) -> dict[str, TraceEstimate]:
+def block_traces(probes: Tensor, products: Tensor, blocks: Mapping[str, Sequence[slice]]) -> dict[str, TraceEstimate]:
     """Per-block trace estimates (mean and standard error of :func:`block_trace_samples`).
 
     ``num_hvps`` is 0: the products are the full trace's.

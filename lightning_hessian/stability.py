@@ -44,7 +44,9 @@ def _check_lr(lr: float) -> float:
     return lr
 
 
-def sgd_sharpness_threshold(lr: float, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool = False) -> float:
+def sgd_sharpness_threshold(
+    lr: float, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool = False
+) -> float:
     r"""Largest stable curvature of (momentum) SGD on a quadratic.
 
     Heavy ball (PyTorch's ``SGD``, buffer :math:`b \leftarrow \beta b + (1-d) g`):
@@ -64,7 +66,10 @@ def sgd_sharpness_threshold(lr: float, momentum: float = 0.0, *, dampening: floa
 
 
 def adam_preconditioned_threshold(lr: float, beta1: float) -> float:
-    r"""Adam's preconditioned-sharpness threshold :math:`(2 + 2\beta_1)/((1 - \beta_1)\,\eta)` (``38/η`` at β₁ = 0.9)."""
+    r"""Adam's preconditioned-sharpness threshold :math:`(2 + 2\beta_1)/((1 - \beta_1)\,\eta)`.
+
+    ``38/η`` at :math:`\beta_1 = 0.9` (Cohen et al. 2022, §3).
+    """
     lr = _check_lr(lr)
     if not 0 <= beta1 < 1:
         raise ValueError(f"`beta1` must be in [0, 1), got {beta1}.")
@@ -100,7 +105,9 @@ def _family(optimizer: Any, group: dict[str, Any]) -> str:
     return name
 
 
-def stability_threshold(params: Sequence[Tensor], optimizers: Any, names: Sequence[str] | None = None) -> StabilityThreshold:
+def stability_threshold(
+    params: Sequence[Tensor], optimizers: Any, names: Sequence[str] | None = None
+) -> StabilityThreshold:
     """The threshold for ``params`` under their optimizers' current param groups.
 
     Reads each owning group's current ``lr`` (schedulers included) and ``momentum`` /
@@ -115,7 +122,7 @@ def stability_threshold(params: Sequence[Tensor], optimizers: Any, names: Sequen
     params = list(params)
     names = list(names) if names is not None else [f"param{i}" for i in range(len(params))]
     owners = param_groups(params, optimizers)
-    orphans = [n for n, o in zip(names, owners) if o is None]
+    orphans = [n for n, o in zip(names, owners, strict=True) if o is None]
     if orphans:
         raise ValueError(f"Parameters {orphans[:5]} are in no optimizer; the stability threshold is undefined.")
     seen: dict[int, tuple[str, float, float, float]] = {}

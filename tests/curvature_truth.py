@@ -26,7 +26,7 @@ def _flat_params(model: nn.Module) -> tuple[list[str], list[torch.Size], Tensor]
 
 def _unflat(names: list[str], shapes: list[torch.Size], flat: Tensor) -> dict[str, Tensor]:
     params, offset = {}, 0
-    for name, shape in zip(names, shapes):
+    for name, shape in zip(names, shapes, strict=True):
         params[name] = flat[offset : offset + shape.numel()].view(shape)
         offset += shape.numel()
     return params
@@ -74,7 +74,9 @@ def exact_ce_ggn(
         out, jac = exact_jacobians(model, x)
         c = out.shape[class_dim]
         logits = out.movedim(class_dim, -1).reshape(-1, c)
-        jac = jac.movedim(class_dim if class_dim >= 0 else out.ndim + class_dim, out.ndim - 1).reshape(-1, c, jac.shape[-1])
+        jac = jac.movedim(class_dim if class_dim >= 0 else out.ndim + class_dim, out.ndim - 1).reshape(
+            -1, c, jac.shape[-1]
+        )
         targets = y.reshape(-1)
         valid = targets != ignore_index
         num_valid = int(valid.sum())
@@ -108,7 +110,8 @@ def tanh_mlp(seed: int = 0, sizes: tuple[int, ...] = (5, 6, 3), layernorm: bool 
 def classification_batches(seed: int = 1, sizes: tuple[int, ...] = (13, 7), dim: int = 5, classes: int = 3):
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(b, dim, generator=g, dtype=torch.float64), torch.randint(0, classes, (b,), generator=g)) for b in sizes
+        (torch.randn(b, dim, generator=g, dtype=torch.float64), torch.randint(0, classes, (b,), generator=g))
+        for b in sizes
     ]
 
 

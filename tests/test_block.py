@@ -153,7 +153,11 @@ def test_block_traces_are_unbiased_within_error_bars(layernorm_case):
     model, batches, exact = layernorm_case
     op = HessianOperator(model, F.cross_entropy, batches)
     slices = parameter_slices(op)
-    blocks = {"first": [slices["0.weight"], slices["0.bias"]], "norm": [slices["1.weight"], slices["1.bias"]], "last": [slices["3.weight"]]}
+    blocks = {
+        "first": [slices["0.weight"], slices["0.bias"]],
+        "norm": [slices["1.weight"], slices["1.bias"]],
+        "last": [slices["3.weight"]],
+    }
     recorder = FirstProductRecorder(op)
     spectral_density(recorder, num_runs=40, num_steps=2, seed=0)
     estimates = block_traces(recorder.inputs, recorder.products, blocks)
@@ -219,7 +223,7 @@ def test_monitor_blocks_fail_fast_and_nan_on_failure():
     before = [p.detach().clone() for p in module.parameters()]
     with pytest.raises(ValueError, match=r"blocks=.*matches no trainable"):
         _fit(module, HessianMonitor(num_runs=2, num_steps=4, blocks={"enc": r"^encoder\."}))
-    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # no training step ran
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))  # no training step ran
     with pytest.raises(ValueError, match="block_top_eigenvalues"):
         HessianMonitor(block_top_eigenvalues=True)
     poisoned = DigitsModule(hidden=8)

@@ -37,7 +37,8 @@ def ce_case():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"backend": "func"}, {"loss_hessian": "autograd"}, {"backend": "autograd"}, {"max_batched_vectors": 3}]
+    "kwargs",
+    [{}, {"backend": "func"}, {"loss_hessian": "autograd"}, {"backend": "autograd"}, {"max_batched_vectors": 3}],
 )
 def test_ce_ggn_products_equal_explicit(ce_case, kwargs):
     model, batches, truth = ce_case
@@ -103,13 +104,18 @@ def test_sequence_logits_with_ignore_index():
 def test_mse_ggn_and_linear_least_squares_equals_hessian():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(b, 4, generator=g, dtype=torch.float64), torch.randn(b, 2, generator=g, dtype=torch.float64)) for b in (9, 4)]
+    batches = [
+        (torch.randn(b, 4, generator=g, dtype=torch.float64), torch.randn(b, 2, generator=g, dtype=torch.float64))
+        for b in (9, 4)
+    ]
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     op = GGNOperator(model, F.mse_loss, batches)
     assert op.loss_hessian == "mse"
     total = sum(x.shape[0] for x, _ in batches)
-    truth = sum((x.shape[0] / total) * (2.0 / (x.shape[0] * 2)) * (j.reshape(-1, j.shape[-1]).T @ j.reshape(-1, j.shape[-1]))
-                for (x, _), (_, j) in ((b, exact_jacobians(model, b[0])) for b in batches))
+    truth = sum(
+        (x.shape[0] / total) * (2.0 / (x.shape[0] * 2)) * (j.reshape(-1, j.shape[-1]).T @ j.reshape(-1, j.shape[-1]))
+        for (x, _), (_, j) in ((b, exact_jacobians(model, b[0])) for b in batches)
+    )
     v = torch.randn(op.num_params, 3, dtype=torch.float64, generator=g)
     assert _rel(op.matmat(v), truth @ v) <= 1e-10
     assert _rel(GGNOperator(model, nn.MSELoss(), batches, loss_hessian="autograd").matmat(v), truth @ v) <= 1e-10
@@ -197,7 +203,9 @@ def test_monitor_ggn_on_padded_sequences_matches_explicit_token_mean():
     targets = tokens.roll(1, dims=1)
     targets[::3, 3:] = -100  # padded tails of different lengths
     data = TensorDataset(tokens, targets)
-    monitor = HessianMonitor(curvature="ggn", num_runs=2, num_steps=20, analysis_fraction=0.5, analysis_batch_size=7, log_density=False)
+    monitor = HessianMonitor(
+        curvature="ggn", num_runs=2, num_steps=20, analysis_fraction=0.5, analysis_batch_size=7, log_density=False
+    )
     pl.seed_everything(0, verbose=False)
     module = SeqModule()
     pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_epochs=1)).fit(module, DataLoader(data, batch_size=10))

@@ -124,7 +124,9 @@ def test_thresholds_exactly_as_defined():
 
     model = tanh_mlp()
     params, names = list(model.parameters()), [n for n, _ in model.named_parameters()]
-    sgd = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.2}, {"params": model[2].parameters()}], lr=0.1, momentum=0.9)
+    sgd = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.2}, {"params": model[2].parameters()}], lr=0.1, momentum=0.9
+    )
     th = stability_threshold(params, sgd, names)
     assert th.kind == "sgd" and th.value == (2 + 2 * 0.9) / 0.2 and th.lr == 0.2  # smallest group threshold
     assert sorted(th.group_values) == [(2 + 2 * 0.9) / 0.2, (2 + 2 * 0.9) / 0.1]
@@ -134,7 +136,9 @@ def test_thresholds_exactly_as_defined():
     th = stability_threshold(params, adam)
     assert th.kind == "adam" and th.value == (2 + 2 * 0.95) / ((1 - 0.95) * 3e-4)
     with pytest.raises(ValueError, match="SGD and Adam"):
-        stability_threshold(params, [torch.optim.Adam(model[0].parameters()), torch.optim.SGD(model[2].parameters(), lr=0.1)])
+        stability_threshold(
+            params, [torch.optim.Adam(model[0].parameters()), torch.optim.SGD(model[2].parameters(), lr=0.1)]
+        )
     with pytest.raises(ValueError, match="RMSprop"):
         stability_threshold(params, torch.optim.RMSprop(model.parameters()))
     with pytest.raises(ValueError, match="no optimizer"):
@@ -184,7 +188,7 @@ def test_monitor_sgd_threshold_and_fail_fast():
         before = [p.detach().clone() for p in module.parameters()]
         with pytest.raises(ValueError, match=match):
             _fit(module, [HessianMonitor(num_runs=2, num_steps=4, **kwargs)])
-        assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # before the first step
+        assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))  # before the first step
     with pytest.raises(ValueError, match="not both"):
         HessianMonitor(preconditioned=True, sharpness_threshold=True)
     views = HessianMonitor(preconditioned=True).views
@@ -214,13 +218,20 @@ def test_views_leave_training_bit_identical():
     base = DigitsModule(hidden=8, dropout=0.2, optimizer="adam", lr=0.01)
     with_cb, without_cb = copy.deepcopy(base), copy.deepcopy(base)
     monitors = [
-        HessianMonitor(num_runs=2, num_steps=6, blocks="modules", block_top_eigenvalues=True, preconditioned=True, log_density=False),
+        HessianMonitor(
+            num_runs=2,
+            num_steps=6,
+            blocks="modules",
+            block_top_eigenvalues=True,
+            preconditioned=True,
+            log_density=False,
+        ),
         HessianMonitor(num_runs=2, num_steps=6, curvature="ggn", preconditioned=True, log_density=False, prefix="ggn/"),
     ]
     t1 = _fit(with_cb, monitors)
     t2 = _fit(without_cb, [])
     assert len(monitors[0].history) == 2 and math.isfinite(monitors[1].history[-1]["preconditioned_sharpness"])
-    for a, b in zip(with_cb.state_dict().values(), without_cb.state_dict().values()):
+    for a, b in zip(with_cb.state_dict().values(), without_cb.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     s1, s2 = t1.optimizers[0].state_dict()["state"], t2.optimizers[0].state_dict()["state"]
     for key in s1:
@@ -253,16 +264,22 @@ def _reference(record: dict[str, Any], monitor_kwargs: dict[str, Any], curvature
     sd = spectral_density(recorder, num_runs=monitor_kwargs["num_runs"], num_steps=monitor_kwargs["num_steps"], seed=42)
     slices = parameter_slices(op)
     values = {"top_eigenvalue": float(sd.top_ritz_values(1)[0][0])}
-    for name, est in block_traces(recorder.inputs, recorder.products, {b: [slices[n] for n in ns] for b, ns in blocks.items()}).items():
+    for name, est in block_traces(
+        recorder.inputs, recorder.products, {b: [slices[n] for n in ns] for b, ns in blocks.items()}
+    ).items():
         values[f"trace/{name}"] = est.value
         values[f"trace_stderr/{name}"] = est.stderr
         if curvature == "hessian":
             values[f"top_eigenvalue/{name}"] = float(top_eigenvalues(op.block(blocks[name]), k=1, seed=42).values[0])
-    values["preconditioned_sharpness"] = float(top_eigenvalues(preconditioned_operator(op, optimizer), k=1, seed=42).values[0])
+    values["preconditioned_sharpness"] = float(
+        top_eigenvalues(preconditioned_operator(op, optimizer), k=1, seed=42).values[0]
+    )
     return values
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is needed")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is needed"
+)
 def test_ddp_block_ggn_preconditioned_equal_single_process(tmp_path):
     from tests.ddp_helpers import digits_module, fit, hessian_monitor
 
@@ -281,7 +298,9 @@ def test_ddp_block_ggn_preconditioned_equal_single_process(tmp_path):
             assert got[0] == got[1], (prefix, key)  # every rank logs the same number
             assert abs(got[0] - value) <= 1e-5 * max(abs(value), 1e-12), (prefix, key, got[0], value)
         ratio = logged[0][f"{prefix}sharpness_ratio"]
-        assert ratio == pytest.approx(reference["preconditioned_sharpness"] / ((2 + 2 * 0.9) / ((1 - 0.9) * 0.03)), rel=1e-5)
+        assert ratio == pytest.approx(
+            reference["preconditioned_sharpness"] / ((2 + 2 * 0.9) / ((1 - 0.9) * 0.03)), rel=1e-5
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -322,8 +341,12 @@ def test_edge_of_stability_example_runs_and_its_thresholds_are_the_core_ones():
     sgd = example.run("sgd", 0.2, steps=6, every=3)
     adam = example.run("adam", 0.003, steps=6, every=3)
     assert [r["sharpness_threshold"] for r in sgd["history"]] == [2 / 0.2] * 2
-    assert [r["preconditioned_sharpness_threshold"] for r in adam["history"]] == [(2 + 2 * 0.9) / ((1 - 0.9) * 0.003)] * 2
-    assert all(math.isfinite(r["preconditioned_sharpness"]) and r["preconditioned_sharpness"] > 0 for r in adam["history"])
+    assert [r["preconditioned_sharpness_threshold"] for r in adam["history"]] == [
+        (2 + 2 * 0.9) / ((1 - 0.9) * 0.003)
+    ] * 2
+    assert all(
+        math.isfinite(r["preconditioned_sharpness"]) and r["preconditioned_sharpness"] > 0 for r in adam["history"]
+    )
     assert len(sgd["losses"]) == 6
     lines = example.verdicts(sgd) + example.verdicts(adam)
     assert len(lines) == 5 and all(line.startswith("VERDICT") for line in lines)

@@ -48,7 +48,9 @@ class CurvatureViews:
         seed: int,
     ) -> None:
         if blocks is not None and not isinstance(blocks, (str, Mapping)):
-            raise TypeError(f"`blocks` must be None, 'modules' or a mapping name -> names/regex, got {type(blocks).__name__}.")
+            raise TypeError(
+                f"`blocks` must be None, 'modules' or a mapping name -> names/regex, got {type(blocks).__name__}."
+            )
         if isinstance(blocks, str) and blocks != "modules":
             raise ValueError(f"`blocks` must be None, 'modules' or a mapping name -> names/regex, got {blocks!r}.")
         if block_top_eigenvalues and blocks is None:
@@ -189,10 +191,15 @@ class CurvatureViews:
         if self.block_names:
             charts["trace per block"] = ["Multiline", [f"{p}trace/{name}" for name in self.block_names]]
             if self.block_top_eigenvalues:
-                charts["top eigenvalue per block"] = ["Multiline", [f"{p}top_eigenvalue/{name}" for name in self.block_names]]
+                charts["top eigenvalue per block"] = [
+                    "Multiline",
+                    [f"{p}top_eigenvalue/{name}" for name in self.block_names],
+                ]
         if self.preconditioned:
             charts["preconditioned sharpness vs threshold"] = [
-                "Multiline", [f"{p}preconditioned_sharpness", f"{p}preconditioned_sharpness_threshold"]]
+                "Multiline",
+                [f"{p}preconditioned_sharpness", f"{p}preconditioned_sharpness_threshold"],
+            ]
         if self.sharpness_threshold:
             charts["sharpness vs threshold"] = ["Multiline", [f"{p}top_eigenvalue", f"{p}sharpness_threshold"]]
         return {f"{p.rstrip('/') or 'curvature'}": charts} if charts else {}

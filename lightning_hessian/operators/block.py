@@ -84,7 +84,7 @@ def restricted_operator(op: _Op, param_names: Sequence[str] | str) -> _Op:
     # graph through them, no gradient computed for them), on the same path as compute_dtype's
     # cast copies of buffers and frozen parameters.
     kept = set(block._names)  # type: ignore[attr-defined]
-    frozen = [(name, p) for name, p in zip(op._names, op._params) if name not in kept]  # type: ignore[attr-defined]
+    frozen = [(name, p) for name, p in zip(op._names, op._params, strict=True) if name not in kept]  # type: ignore[attr-defined]
     cast_inputs = block._compute_dtype_inputs  # type: ignore[attr-defined]
 
     def inputs_with_fixed_parameters(batch: Any) -> tuple[dict[str, Any], Any]:
@@ -100,7 +100,7 @@ def parameter_slices(op: Any) -> dict[str, slice]:
     """Where each parameter's entries sit in ``op``'s flat vectors (by name)."""
     out: dict[str, slice] = {}
     offset = 0
-    for name, p in zip(op.parameter_names(), op.parameters()):
+    for name, p in zip(op.parameter_names(), op.parameters(), strict=True):
         out[name] = slice(offset, offset + p.numel())
         offset += p.numel()
     return out
@@ -121,9 +121,7 @@ def module_blocks(model: nn.Module) -> dict[str, list[str]]:
     prefix, module = "", model
     while True:
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        children = [
-            (n, c) for n, c in module.named_children() if any(p.requires_grad for p in c.parameters())
-        ]
+        children = [(n, c) for n, c in module.named_children() if any(p.requires_grad for p in c.parameters())]
         if own or len(children) != 1:
             break
         name, module = children[0]

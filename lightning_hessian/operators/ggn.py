@@ -156,9 +156,7 @@ class GGNOperator(HessianOperator):
 
     def _split(self, batch: Any) -> tuple[Any, Any]:
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise TypeError(
-                f"GGNOperator needs (inputs, targets) batches; got {type(batch).__name__}."
-            )
+            raise TypeError(f"GGNOperator needs (inputs, targets) batches; got {type(batch).__name__}.")
         return batch[0], batch[1]
 
     def _output_hvp(self, outputs: Tensor, targets: Any, vectors: Tensor) -> Tensor:
@@ -167,7 +165,12 @@ class GGNOperator(HessianOperator):
             kind = "autograd"  # soft targets: the closed form assumes class indices
         if kind in ("cross_entropy", "mse"):
             return loss_output_hessian_product(
-                kind, outputs, targets, vectors, class_dim=self.class_dim, ignore_index=self.ignore_index  # type: ignore[arg-type]
+                kind,  # type: ignore[arg-type]
+                outputs,
+                targets,
+                vectors,
+                class_dim=self.class_dim,
+                ignore_index=self.ignore_index,
             )
         z = outputs.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -193,7 +196,7 @@ class GGNOperator(HessianOperator):
         primals = tuple(p.detach().to(self.dtype) for p in self._params)
 
         def forward(params: tuple[Tensor, ...]) -> Tensor:
-            out = torch.func.functional_call(self.model, {**consts, **dict(zip(names, params))}, (inputs,))
+            out = torch.func.functional_call(self.model, {**consts, **dict(zip(names, params, strict=True))}, (inputs,))
             return self._check_outputs(out)
 
         outputs, vjp_fn = torch.func.vjp(forward, primals)[:2]
@@ -220,7 +223,7 @@ class GGNOperator(HessianOperator):
         consts = {k[len("model.") :]: v for k, v in constants.items()}
         params = [p.detach().to(self.dtype).requires_grad_(True) for p in self._params]
         outputs = self._check_outputs(
-            torch.func.functional_call(self.model, {**consts, **dict(zip(names, params))}, (inputs,))
+            torch.func.functional_call(self.model, {**consts, **dict(zip(names, params, strict=True))}, (inputs,))
         )
         dummy = torch.zeros_like(outputs, requires_grad=True)
         vjp = torch.autograd.grad(outputs, params, dummy, create_graph=True, allow_unused=True)

@@ -100,14 +100,15 @@ def adam_preconditioner(params: list[Tensor], optimizers: Any, names: list[str] 
             f"(owned by: {', '.join(owners)}). The preconditioned operator needs every parameter under an "
             "Adam-family optimizer that has taken at least one step."
         )
-    eps = torch.cat(
-        [torch.full((p.numel(),), e, dtype=torch.float64) for p, e in zip(params, state.eps)]
-    ).to(state.second_moments[0].device)  # type: ignore[union-attr]
-    return state.flat(torch.float64).clamp_min(0).sqrt() + eps
+    moments = state.flat(torch.float64)
+    eps = torch.cat([torch.full((p.numel(),), e, dtype=torch.float64) for p, e in zip(params, state.eps, strict=True)])
+    return moments.clamp_min(0).sqrt() + eps.to(moments.device)
 
 
 def preconditioned_operator(op: Any, optimizers: Any) -> PreconditionedOperator:
-    r"""The symmetric preconditioned curvature :math:`P^{-1/2} H P^{-1/2}`, :math:`P = \operatorname{diag}(\sqrt{\hat v} + \epsilon)`.
+    r"""The symmetric preconditioned curvature :math:`P^{-1/2} H P^{-1/2}` with Adam's :math:`P`.
+
+    :math:`P = \operatorname{diag}(\sqrt{\hat v} + \epsilon)`.
 
     Its eigenvalues are those of :math:`P^{-1} H`; its largest is Cohen et al.'s (2022)
     preconditioned sharpness, which under Adam with :math:`\beta_1` and learning rate
