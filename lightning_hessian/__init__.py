@@ -21,7 +21,22 @@ from lightning_hessian.density import SpectralDensity, spectral_density
 from lightning_hessian.eigen import EigenResult, top_eigenvalues
 from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
 from lightning_hessian.lanczos import LanczosResult, lanczos
-from lightning_hessian.operators import CurvatureOperator, HessianOperator, MatrixOperator, preserved_model_state
+from lightning_hessian.operators import (
+    CurvatureOperator,
+    GGNOperator,
+    HessianOperator,
+    MatrixOperator,
+    PreconditionedOperator,
+    parameter_blocks,
+    preconditioned_operator,
+    preserved_model_state,
+)
+from lightning_hessian.stability import (
+    StabilityThreshold,
+    adam_preconditioned_threshold,
+    sgd_sharpness_threshold,
+    stability_threshold,
+)
 from lightning_hessian.sharp_drop import TraceHistory, TraceSharpDropDetector
 from lightning_hessian.trace import TraceEstimate, hessian_trace
 from lightning_hessian.volume import VolumeComputationError, VolumeEstimate, init_prior_std, local_volume
@@ -40,6 +55,14 @@ __all__ = [
     "regression_table",
     "CurvatureOperator",
     "EigenResult",
+    "GGNOperator",
+    "PreconditionedOperator",
+    "StabilityThreshold",
+    "adam_preconditioned_threshold",
+    "parameter_blocks",
+    "preconditioned_operator",
+    "sgd_sharpness_threshold",
+    "stability_threshold",
     "HessianComputationError",
     "HessianOperator",
     "LanczosResult",

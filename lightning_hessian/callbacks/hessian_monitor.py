@@ -13,10 +13,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_hessian.callbacks._analysis_set import DEFAULT_MAX_ANALYSIS_BYTES
-from lightning_hessian.callbacks._base import CurvatureCallback
+from lightning_hessian.callbacks._base import CurvatureCallback, default_classification_loss
+from lightning_hessian.callbacks._curvature_views import CurvatureViews
 from lightning_hessian.callbacks._logging import density_figure, density_histogram
 from lightning_hessian.density import SpectralDensity, spectral_density
-from lightning_hessian.operators import HessianOperator
+from lightning_hessian.operators import GGNOperator, HessianOperator
 from lightning_hessian.operators.reduction import check_operator_loss_reduction
 from lightning_hessian.sharp_drop import TraceSharpDropDetector
 
@@ -145,6 +146,28 @@ class HessianMonitor(CurvatureCallback):
         sharp_drop_patience: Epochs after the drop's middle before stopping (evaluations under
             ``every_n_train_steps``).
         sharp_drop_kwargs: Keyword arguments of :class:`~lightning_hessian.TraceSharpDropDetector`.
+        curvature: ``"hessian"`` or ``"ggn"`` (the generalised Gauss-Newton matrix
+            :math:`J^\top H_\ell J`, :class:`~lightning_hessian.GGNOperator`: positive semi-definite,
+            no second derivative of the network; needs ``loss_fn``, not ``batch_loss``). Every metric
+            then describes that matrix.
+        blocks: Per-block curvature: ``None``, ``"modules"`` (one block per child module with
+            trainable parameters, wrappers looked through) or a mapping ``block name -> list of
+            parameter names | regex`` (see :func:`~lightning_hessian.parameter_blocks`). Logs
+            ``trace/<block>`` and ``trace_stderr/<block>`` from the same probes as the full trace
+            (plain Hutchinson per block, no extra HVP; :mod:`lightning_hessian.block_trace`) and a
+            TensorBoard custom-scalars multi-line chart of them.
+        block_top_eigenvalues: Also log ``top_eigenvalue/<block>`` (Lanczos on each diagonal
+            block :math:`H_{bb}`; costs HVPs of the block, counted in ``num_hvps``).
+        preconditioned: Log Adam's preconditioned sharpness :math:`\lambda_\max(P^{-1}H)`,
+            :math:`P = \operatorname{diag}(\sqrt{\hat v}+\epsilon)` from the optimizers' bias-corrected
+            state (``preconditioned_sharpness``), its edge-of-stability threshold
+            ``preconditioned_sharpness_threshold`` :math:`= (2+2\beta_1)/((1-\beta_1)\eta)` and
+            ``sharpness_ratio`` (Cohen et al. 2022). Needs Adam-family optimizers for every
+            trainable parameter. With several param groups the smallest group threshold is used
+            (:mod:`lightning_hessian.stability`).
+        sharpness_threshold: For SGD: log ``sharpness_threshold`` :math:`= (2+2\beta)/\eta`
+            (momentum :math:`\beta`, 0 without; Nesterov and dampening handled) and
+            ``sharpness_ratio`` = ``top_eigenvalue`` / threshold.
         prefix: Metric name prefix.
         batch_size_fn: ``batch_size_fn(batch) -> weight`` of an analysis micro-batch: the number of
             terms its mean loss averages (:class:`~lightning_hessian.HessianOperator`). Default
@@ -202,6 +225,11 @@ class HessianMonitor(CurvatureCallback):
         sharp_drop_kwargs: dict[str, Any] | None = None,
         every_n_train_steps: int | None = None,
         max_overhead: float | None = None,
+        curvature: Literal["hessian", "ggn"] = "hessian",
+        blocks: str | dict[str, list[str] | str] | None = None,
+        block_top_eigenvalues: bool = False,
+        preconditioned: bool = False,
+        sharpness_threshold: bool = False,
         prefix: str = "hessian/",
         batch_size_fn: Callable[[Any], float] | None = None,
         on_error: Literal["warn", "raise"] = "warn",
@@ -276,6 +304,22 @@ class HessianMonitor(CurvatureCallback):
         self._reduction_checked = False
         self.stopped_epoch: int | None = None
         self.stopped_step: int | None = None
+        if curvature not in ("hessian", "ggn"):
+            raise ValueError(f"`curvature` must be 'hessian' or 'ggn', got {curvature!r}.")
+        if curvature == "ggn" and batch_loss is not None:
+            raise ValueError(
+                "`curvature='ggn'` needs `loss_fn(outputs, targets)` (the GGN separates the model's outputs "
+                "from the loss); `batch_loss` hides them. Pass loss_fn instead, or curvature='hessian'."
+            )
+        self.curvature = curvature
+        self.views = CurvatureViews(
+            blocks=blocks,
+            block_top_eigenvalues=block_top_eigenvalues,
+            preconditioned=preconditioned,
+            sharpness_threshold=sharpness_threshold,
+            prefix=prefix,
+            seed=seed,
+        )
 
     @property
     def state_key(self) -> str:
@@ -288,11 +332,16 @@ class HessianMonitor(CurvatureCallback):
             prefix=self.prefix,
         )
 
-    # ------------------------------------------------------------------ computation
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.views.setup(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.views.add_tensorboard_layout(trainer)
 
     def _operator(self, pl_module: pl.LightningModule, data: Any, all_reduce: Any) -> HessianOperator:
-        return HessianOperator(
-            pl_module,
+        kwargs: dict[str, Any] = dict(
             data=data,
             batch_size_fn=self._batch_weight_fn(),
             train_mode_batchnorm=self.train_mode_batchnorm,
@@ -302,9 +351,15 @@ class HessianMonitor(CurvatureCallback):
             backend_choices=self.backend_choices,
             **self._loss_kwargs(),
         )
+        if self.curvature == "ggn":
+            if kwargs["loss_fn"] is default_classification_loss:  # [B, T, V] logits are flattened over positions
+                return GGNOperator(pl_module, loss_hessian="cross_entropy", class_dim=-1, **kwargs)
+            return GGNOperator(pl_module, **kwargs)
+        return HessianOperator(pl_module, **kwargs)
 
     def _dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The analysis set, the loss and one HVP on this process's first analysis micro-batch."""
+        """The optimizers (edge-of-stability options), the analysis set, the loss and one product on one micro-batch."""
+        self.views.check_optimizers(pl_module, trainer.optimizers)
         data = self._analysis_data(trainer)
         batch = self._first_micro_batch(data)
         if batch is None:  # an empty shard under DDP: nothing to check on this process
@@ -314,6 +369,8 @@ class HessianMonitor(CurvatureCallback):
         generator = torch.Generator().manual_seed(self.seed)
         probe = (torch.randint(0, 2, (op.num_params,), generator=generator) * 2 - 1).to(torch.float64)
         op.matvec(probe.to(op.device))
+
+    # ------------------------------------------------------------------ computation
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], SpectralDensity | None]:
         start = self._timer()
@@ -325,7 +382,7 @@ class HessianMonitor(CurvatureCallback):
         probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)
         with self._progress(trainer, self.num_runs * self.num_steps, "HVP") as advance:
             sd = spectral_density(
-                self._counting(op, advance),
+                self._counting(self.views.wrap(op), advance),
                 num_runs=self.num_runs,
                 num_steps=self.num_steps,
                 seed=probe_seed,
@@ -351,7 +408,8 @@ class HessianMonitor(CurvatureCallback):
         }
         for i in range(1, self.top_k):
             values[f"top_eigenvalue_{i + 1}"] = float(top_values[i]) if i < top_values.numel() else math.nan
-        values["num_hvps"] = float(op.num_hvps)
+        values.update(self.views.compute(op, trainer.optimizers, values["top_eigenvalue"]))
+        values["num_hvps"] = float(op.num_hvps) + self.views.extra_hvps
         values["seconds"] = self._timer() - start
         return values, sd
 
@@ -360,6 +418,7 @@ class HessianMonitor(CurvatureCallback):
         values["top_eigenvalue_residual"] = math.nan
         for i in range(1, self.top_k):
             values[f"top_eigenvalue_{i + 1}"] = math.nan
+        values.update(self.views.nan_values())
         values["num_hvps"] = 0.0
         values["seconds"] = seconds
         return values

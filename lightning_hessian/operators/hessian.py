@@ -275,6 +275,17 @@ class HessianOperator:
         """Names of the trainable parameters (as in ``model.named_parameters()``)."""
         return [name[len("model.") :] for name in self._names]
 
+    def block(self, param_names: Sequence[str]) -> HessianOperator:
+        r"""The diagonal block :math:`H_{bb}` over the named parameters, all others held fixed.
+
+        Same model, data, loss and machinery; products differentiate with respect to the block's
+        parameters only (see :func:`~lightning_hessian.operators.block.restricted_operator`).
+        Usable by every estimator, e.g. ``top_eigenvalues(op.block(["0.weight", "0.bias"]))``.
+        """
+        from lightning_hessian.operators.block import restricted_operator
+
+        return restricted_operator(self, param_names)
+
     # ------------------------------------------------------------------ data
 
     def _batches(self) -> Iterator[tuple[Any, float]]:

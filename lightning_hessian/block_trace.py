@@ -1,0 +1,125 @@
+r"""Per-block Hessian traces from the full trace's own probes (no extra HVP).
+
+For a Rademacher probe :math:`v` (:math:`\mathbb E[vv^\top] = I`) and a block :math:`b` of
+coordinates, :math:`v_b^\top (Hv)_b = \sum_{i,j\in b} v_i H_{ij} v_j + \sum_{i\in b, j\notin b}
+v_i H_{ij} v_j` has expectation :math:`\operatorname{tr}(H_{bb})`: the Hutchinson estimator of
+the block's trace reads the block's rows of the products already made for the full trace
+(``hessian-dynamics-trace-maxeig.txt`` §2.1 applied blockwise). The block samples of one probe
+sum, over a partition of the parameters, to the full sample :math:`v^\top Hv` exactly.
+
+Error bars are plain Hutchinson (sample standard error over the probes). The full trace's
+deflation control variate (:attr:`~lightning_hessian.SpectralDensity.deflated_trace_samples`)
+would carry over as :math:`\sum_j \ell_j[(y_j^\top v)(y_{j,b}^\top v_b) - \|y_{j,b}\|^2]` (zero
+mean for each block), but it needs the outlier Ritz vectors :math:`y_j`, which the density does
+not keep; block traces therefore have wider error bars than the full deflated trace.
+
+:class:`FirstProductRecorder` captures the first product of an estimator (the probes, for
+Lanczos-based :func:`~lightning_hessian.spectral_density`: its start vectors, normalised) and
+:func:`block_traces` turns them into one :class:`~lightning_hessian.TraceEstimate` per block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_hessian.operators import CurvatureOperator
+from lightning_hessian.trace import TraceEstimate
+
+__all__ = ["FirstProductRecorder", "block_trace_samples", "block_traces"]
+
+
+class FirstProductRecorder:
+    """A transparent wrapper that keeps the first ``matmat`` call's input and output (float64).
+
+    Everything else (``num_params``, ``device``, ``num_hvps``, ``parameters()``, ...) is the
+    wrapped operator's.
+    """
+
+    def __init__(self, op: CurvatureOperator) -> None:
+        self.op = op
+        self.inputs: Tensor | None = None
+        self.products: Tensor | None = None
+
+    @property
+    def num_params(self) -> int:
+        return self.op.num_params
+
+    @property
+    def device(self) -> torch.device:
+        return self.op.device
+
+    @property
+    def num_hvps(self) -> int:
+        return self.op.num_hvps
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        out = self.op.matmat(matrix)
+        if self.inputs is None:
+            self.inputs = matrix.detach().to(torch.float64).clone()
+            self.products = out.detach().to(torch.float64).clone()
+        return out
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("op", "inputs", "products"):
+            raise AttributeError(name)
+        return getattr(self.op, name)
+
+
+def block_trace_samples(
+    probes: Tensor, products: Tensor, blocks: Mapping[str, Sequence[slice]], *, rtol: float = 1e-6
+) -> dict[str, Tensor]:
+    r"""Per-block Hutchinson samples :math:`v_b^\top (Hv)_b` of Rademacher-direction probes.
+
+    Args:
+        probes: ``[n, R]`` probes, each a rescaled Rademacher vector (all entries of equal
+            magnitude), e.g. Lanczos' normalised start vectors :math:`q = v/\sqrt n`.
+        products: ``[n, R]`` the operator's products with ``probes``.
+        blocks: ``{block name: [slices of the flat vector]}``.
+        rtol: Tolerance of the equal-magnitude check.
+
+    Returns:
+        ``{block name: [R] float64 samples}``, scaled to a Rademacher probe of norm
+        :math:`\sqrt n` (:math:`n/\|q\|^2 \cdot q_b^\top (Hq)_b`).
+
+    Raises:
+        ValueError: A probe is not a rescaled Rademacher vector (the block samples would be
+            biased), or the shapes disagree.
+    """
+    if probes.shape != products.shape or probes.ndim != 2:
+        raise ValueError(
+            f"`probes` and `products` must both be [n, R], got {tuple(probes.shape)}, {tuple(products.shape)}."
+        )
+    q = probes.to(torch.float64)
+    magnitude = q.abs()
+    scale = magnitude.mean(dim=0, keepdim=True)
+    if not bool(((magnitude - scale).abs() <= rtol * scale).all()):
+        raise ValueError("Block traces need Rademacher probes (all entries of equal magnitude).")
+    n = q.shape[0]
+    weight = n / (q * q).sum(dim=0)
+    terms = q * products.to(torch.float64)
+    out: dict[str, Tensor] = {}
+    for name, slices in blocks.items():
+        total = torch.zeros(q.shape[1], dtype=torch.float64, device=q.device)
+        for s in slices:
+            total = total + terms[s].sum(dim=0)
+        out[name] = (weight * total).cpu()
+    return out
+
+
+def block_traces(probes: Tensor, products: Tensor, blocks: Mapping[str, Sequence[slice]]) -> dict[str, TraceEstimate]:
+    """Per-block trace estimates (mean and standard error of :func:`block_trace_samples`).
+
+    ``num_hvps`` is 0: the products are the full trace's.
+    """
+    out: dict[str, TraceEstimate] = {}
+    for name, samples in block_trace_samples(probes, products, blocks).items():
+        m = samples.numel()
+        stderr = float(samples.std() / math.sqrt(m)) if m > 1 else math.nan
+        out[name] = TraceEstimate(
+            value=float(samples.mean()), stderr=stderr, num_probes=m, num_hvps=0, method="hutchinson", samples=samples
+        )
+    return out
