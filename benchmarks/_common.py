@@ -89,7 +89,9 @@ def fingerprint(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()[:12]
 
 
-def cached_exact_eigenvalues(name: str, model: torch.nn.Module, batches, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+def cached_exact_eigenvalues(
+    name: str, model: torch.nn.Module, batches, compute: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, bool]:
     """Eigenvalues (float64, ascending) of the exact Hessian, cached by model and data fingerprint.
 
     Returns ``(eigenvalues, from_cache)``.

@@ -248,8 +248,10 @@ def hvp_section(case: Case, rounds: int, profile: bool) -> tuple[float, list[Hvp
     g = times["grad"]
     rows = [HvpRow(label, k, times[label], ref) for label, k, _, ref in rows_spec]
 
-    print(f"\n[1] HVP cost, {case.name} (n={n:,}, {case.num_samples} samples in {len(data)} micro-batches), "
-          f"median of {rounds} interleaved rounds")
+    print(
+        f"\n[1] HVP cost, {case.name} (n={n:,}, {case.num_samples} samples in {len(data)} micro-batches), "
+        f"median of {rounds} interleaved rounds"
+    )
     print(f"    one gradient (autograd.grad of the mean loss over the analysis set): {g * 1e3:.3f} ms")
     header = f"    {'path':<32} {'vectors':>7} {'ms/call':>9} {'ms/HVP':>9} {'HVP/grad':>9}  {'<=2x?':<6}"
     print(header)
@@ -257,8 +259,10 @@ def hvp_section(case: Case, rounds: int, profile: bool) -> tuple[float, list[Hvp
     for row in rows:
         ratio = row.per_vector() / g
         ok = "" if row.reference else ("met" if ratio <= HVP_TARGET else "NOT")
-        print(f"    {row.label:<32} {row.vectors:>7d} {row.seconds * 1e3:>9.3f} {row.per_vector() * 1e3:>9.3f} "
-              f"{ratio:>8.2f}x  {ok:<6}")
+        print(
+            f"    {row.label:<32} {row.vectors:>7d} {row.seconds * 1e3:>9.3f} {row.per_vector() * 1e3:>9.3f} "
+            f"{ratio:>8.2f}x  {ok:<6}"
+        )
     single = next(r for r in rows if r.label == "func, 1 vector")
     if profile and single.per_vector() / g > HVP_TARGET:
         profile_single(op_func, mats[1])
@@ -284,9 +288,18 @@ def profile_single(op: HessianOperator, mat: Tensor, calls: int = 40) -> None:
         ("whole matmat (under cProfile)", cum("lightning_hessian/operator.py", "matmat")),
         ("  _func_hvp (torch.func: vmap/jvp/grad)", cum("lightning_hessian/operator.py", "_func_hvp")),
         ("    functional_call forward (incl. loss)", cum("lightning_hessian/operator.py", "loss_and_aux")),
-        ("    autograd engine (run_backward)", sum(v[3] for k, v in raw.items() if k[2] == "<method 'run_backward' of 'torch._C._EngineBase' objects>") / calls),
-        ("    python decompositions (torch._refs/_prims/_decomp)",
-         sum(v[2] for k, v in raw.items() if any(s in k[0] for s in ("torch/_refs", "torch/_prims", "torch/_decomp"))) / calls),
+        (
+            "    autograd engine (run_backward)",
+            sum(v[3] for k, v in raw.items() if k[2] == "<method 'run_backward' of 'torch._C._EngineBase' objects>")
+            / calls,
+        ),
+        (
+            "    python decompositions (torch._refs/_prims/_decomp)",
+            sum(
+                v[2] for k, v in raw.items() if any(s in k[0] for s in ("torch/_refs", "torch/_prims", "torch/_decomp"))
+            )
+            / calls,
+        ),
         ("    pytree flatten/unflatten", sum(v[2] for k, v in raw.items() if "torch/utils/_pytree" in k[0]) / calls),
         ("  _guarded (state save/restore)", cum("lightning_hessian/operator.py", "preserved_model_state")),
     ]
@@ -415,8 +428,12 @@ class Baselines:
     # -- curvlinops 3.x: HessianLinearOperator(model, loss_func, params, data); count columns.
     def curvlinops(self) -> tuple[Any, Counter]:
         op = self.cvl.module.HessianLinearOperator(
-            self.case.model, nn.CrossEntropyLoss(), self.params, self.case.data,
-            check_deterministic=False, num_data=self.case.num_samples,
+            self.case.model,
+            nn.CrossEntropyLoss(),
+            self.params,
+            self.case.data,
+            check_deterministic=False,
+            num_data=self.case.num_samples,
         )
         counter = Counter()
         inner = op._matmat
@@ -457,8 +474,12 @@ def warm_up(case: Case, libs: dict[str, Library]) -> None:
         base = Baselines(case, libs["pyhessian"], libs["eigenthings"], libs["curvlinops"])
         v = torch.ones(n)
         for lib, go in (
-            (libs["pyhessian"], lambda: base.pyhessian()[0].dataloader_hv_product(
-                [t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in base.params]), base.params)])),
+            (
+                libs["pyhessian"],
+                lambda: base.pyhessian()[0].dataloader_hv_product(
+                    [t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in base.params]), base.params)]
+                ),
+            ),
             (libs["eigenthings"], lambda: base.eigenthings()[0].matvec(v)),
             (libs["curvlinops"], lambda: base.curvlinops()[0] @ torch.ones((n, 3))),
         ):
@@ -477,6 +498,7 @@ def trace_section(case: Case, libs: dict[str, Library], budget: int, seeds: int)
             op = ours_op(case)
             est = hessian_trace(op, method=method, num_probes=budget, seed=seed)
             return Result(est.value, op.num_hvps)
+
         return fn
 
     def pyh(seed: int) -> Result:
@@ -493,14 +515,18 @@ def trace_section(case: Case, libs: dict[str, Library], budget: int, seeds: int)
             else:
                 res = base.eth.module.hutch_plus_plus(op, num_matvecs=budget, seed=1000 + seed)
             return Result(float(res.estimate), c.count)
+
         return fn
 
     def cvl(method: str) -> Callable[[int], Result]:
         def fn(seed: int) -> Result:
             torch.manual_seed(seed)
             op, c = base.curvlinops()
-            est = (base.cvl.module.hutchinson_trace if method == "hutchinson" else base.cvl.module.hutchpp_trace)(op, budget)
+            est = (base.cvl.module.hutchinson_trace if method == "hutchinson" else base.cvl.module.hutchpp_trace)(
+                op, budget
+            )
             return Result(float(est), c.count)
+
         return fn
 
     specs = [
@@ -515,9 +541,13 @@ def trace_section(case: Case, libs: dict[str, Library], budget: int, seeds: int)
     rows = run_rows(specs, seeds)
     exact = case.trace
     t_ref = rows[0].seconds()
-    print(f"\n[2a] trace, {case.name}: exact tr(H) = {exact:.6g}; budget {budget} HVPs; {seeds} seed(s); "
-          "|rel err| = RMS over seeds; time = median; t/ours = time / ours hutchinson")
-    header = f"     {'method':<30} {'HVPs':>6} {'mean est':>11} {'|rel err|':>10} {'time ms':>9} {'ms/HVP':>7} {'t/ours':>7}"
+    print(
+        f"\n[2a] trace, {case.name}: exact tr(H) = {exact:.6g}; budget {budget} HVPs; {seeds} seed(s); "
+        "|rel err| = RMS over seeds; time = median; t/ours = time / ours hutchinson"
+    )
+    header = (
+        f"     {'method':<30} {'HVPs':>6} {'mean est':>11} {'|rel err|':>10} {'time ms':>9} {'ms/HVP':>7} {'t/ours':>7}"
+    )
     print(header)
     print("     " + "-" * (len(header) - 5))
     for row in rows:
@@ -526,8 +556,10 @@ def trace_section(case: Case, libs: dict[str, Library], budget: int, seeds: int)
             continue
         ests = [r.estimate for r in row.good()]
         rms = math.sqrt(statistics.mean(((e - exact) / exact) ** 2 for e in ests))
-        print(f"     {row.label:<30} {row.hvps():>6.0f} {statistics.mean(ests):>11.5g} {rms:>10.2e} "
-              f"{row.seconds() * 1e3:>9.1f} {row.seconds() * 1e3 / max(row.hvps(), 1):>7.2f} {row.seconds() / t_ref:>6.2f}x")
+        print(
+            f"     {row.label:<30} {row.hvps():>6.0f} {statistics.mean(ests):>11.5g} {rms:>10.2e} "
+            f"{row.seconds() * 1e3:>9.1f} {row.seconds() * 1e3 / max(row.hvps(), 1):>7.2f} {row.seconds() / t_ref:>6.2f}x"
+        )
     return rows
 
 
@@ -561,6 +593,7 @@ def eigen_section(case: Case, libs: dict[str, Library], seeds: int, max_power: i
             hess, c = base.pyhessian()
             values, _ = hess.eigenvalues(maxIter=max_iter, tol=tol, top_n=1)
             return Result(float(values[0]), c.count)
+
         return fn
 
     def eth(seed: int) -> Result:
@@ -589,8 +622,10 @@ def eigen_section(case: Case, libs: dict[str, Library], seeds: int, max_power: i
     rows = run_rows(specs, seeds)
     exact = case.top
     t_ref = rows[0].seconds()
-    print(f"\n[2b] top eigenvalue, {case.name}: exact lambda_max = {exact:.9g} (next {case.eigs[-2]:.6g}); "
-          f"{seeds} seed(s); |rel err| = max over seeds; time = median")
+    print(
+        f"\n[2b] top eigenvalue, {case.name}: exact lambda_max = {exact:.9g} (next {case.eigs[-2]:.6g}); "
+        f"{seeds} seed(s); |rel err| = max over seeds; time = median"
+    )
     header = f"     {'method':<36} {'HVPs':>6} {'estimate':>14} {'|rel err|':>10} {'time ms':>9} {'t/ours':>7}  note"
     print(header)
     print("     " + "-" * (len(header) - 5))
@@ -599,8 +634,10 @@ def eigen_section(case: Case, libs: dict[str, Library], seeds: int, max_power: i
             print(f"     {row.label:<36} {row.failed}")
             continue
         err = max(abs(r.estimate - exact) / abs(exact) for r in row.good())
-        print(f"     {row.label:<36} {row.hvps():>6.1f} {row.good()[0].estimate:>14.9g} {err:>10.2e} "
-              f"{row.seconds() * 1e3:>9.1f} {row.seconds() / t_ref:>6.2f}x  {row.note}")
+        print(
+            f"     {row.label:<36} {row.hvps():>6.1f} {row.good()[0].estimate:>14.9g} {err:>10.2e} "
+            f"{row.seconds() * 1e3:>9.1f} {row.seconds() / t_ref:>6.2f}x  {row.note}"
+        )
     return rows, budget
 
 
@@ -614,6 +651,7 @@ def density_section(case: Case, libs: dict[str, Library], seeds: int, runs: int)
             sd = spectral_density(op, num_runs=runs, num_steps=steps, seed=seed, deflate=deflate)
             nodes, weights = sd.measure()
             return Result(None, op.num_hvps, measure=(nodes.numpy(), weights.numpy()))
+
         return fn
 
     def eth(num_runs: int) -> Callable[[int], Result]:
@@ -623,6 +661,7 @@ def density_section(case: Case, libs: dict[str, Library], seeds: int, runs: int)
             nodes = res.raw_eigenvalues.double().numpy().reshape(-1)
             weights = res.raw_weights.double().numpy().reshape(-1) / num_runs
             return Result(None, c.count, measure=(nodes, weights))
+
         return fn
 
     def pyh(seed: int) -> Result:
@@ -649,9 +688,18 @@ def density_section(case: Case, libs: dict[str, Library], seeds: int, runs: int)
     specs = [
         (f"ours spectral_density ({runs}x{steps}, deflate)", None, ours(True), "default"),
         (f"ours, deflate=False ({runs}x{steps})", None, ours(False), ""),
-        (f"ours ({runs}x{steps}, deflate), backend='autograd'", None, ours(True, "autograd"), "what-if: double backward"),
-        (f"eigenthings spectral_density ({EIGENTHINGS_DEFAULT_RUNS}x{steps})", libs["eigenthings"],
-         eth(EIGENTHINGS_DEFAULT_RUNS), "its default"),
+        (
+            f"ours ({runs}x{steps}, deflate), backend='autograd'",
+            None,
+            ours(True, "autograd"),
+            "what-if: double backward",
+        ),
+        (
+            f"eigenthings spectral_density ({EIGENTHINGS_DEFAULT_RUNS}x{steps})",
+            libs["eigenthings"],
+            eth(EIGENTHINGS_DEFAULT_RUNS),
+            "its default",
+        ),
         (f"eigenthings spectral_density ({runs}x{steps})", libs["eigenthings"], eth(runs), "equal budget"),
         (f"PyHessian density ({runs}x{steps})", libs["pyhessian"], pyh, "equal budget; torch.eig shim"),
         (f"curvlinops fast_lanczos ({runs}x{steps})", libs["curvlinops"], cvl, "equal budget; no reorth"),
@@ -666,11 +714,15 @@ def density_section(case: Case, libs: dict[str, Library], seeds: int, runs: int)
     w_ref = w1(ref) if ref is not None else float("nan")
     t_ref = ref.seconds() if ref is not None else float("nan")
     h_ref = ref.hvps() if ref is not None else float("nan")
-    print(f"\n[2c] spectral density, {case.name}: W1 to the exact spectrum (n={case.n:,} eigenvalues in "
-          f"[{exact[0]:.4g}, {exact[-1]:.4g}]); {seeds} seed(s); W1 = mean over seeds; time = median; "
-          "'/eth' = relative to eigenthings' default (10x80)")
-    header = (f"     {'method':<42} {'HVPs':>6} {'W1':>10} {'W1/eth':>7} {'HVPs/eth':>8} {'time ms':>9} "
-              f"{'ms/HVP':>7} {'t/eth':>6}  note")
+    print(
+        f"\n[2c] spectral density, {case.name}: W1 to the exact spectrum (n={case.n:,} eigenvalues in "
+        f"[{exact[0]:.4g}, {exact[-1]:.4g}]); {seeds} seed(s); W1 = mean over seeds; time = median; "
+        "'/eth' = relative to eigenthings' default (10x80)"
+    )
+    header = (
+        f"     {'method':<42} {'HVPs':>6} {'W1':>10} {'W1/eth':>7} {'HVPs/eth':>8} {'time ms':>9} "
+        f"{'ms/HVP':>7} {'t/eth':>6}  note"
+    )
     print(header)
     print("     " + "-" * (len(header) - 5))
     for row in rows:
@@ -678,8 +730,10 @@ def density_section(case: Case, libs: dict[str, Library], seeds: int, runs: int)
             print(f"     {row.label:<42} {row.failed}")
             continue
         w = w1(row)
-        print(f"     {row.label:<42} {row.hvps():>6.0f} {w:>10.3e} {w / w_ref:>7.3f} {row.hvps() / h_ref:>8.3f} "
-              f"{row.seconds() * 1e3:>9.1f} {row.seconds() * 1e3 / max(row.hvps(), 1):>7.2f} {row.seconds() / t_ref:>6.3f}  {row.note}")
+        print(
+            f"     {row.label:<42} {row.hvps():>6.0f} {w:>10.3e} {w / w_ref:>7.3f} {row.hvps() / h_ref:>8.3f} "
+            f"{row.seconds() * 1e3:>9.1f} {row.seconds() * 1e3 / max(row.hvps(), 1):>7.2f} {row.seconds() / t_ref:>6.3f}  {row.note}"
+        )
     return rows, [w1(row) if row.good() else float("nan") for row in rows]
 
 
@@ -693,7 +747,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fast smoke run (fewer rounds and seeds)")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds for [1] (default 9, quick 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved timing rounds for [1] (default 9, quick 3)"
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per estimator (default 5/3/3, quick 2/1/1)")
     parser.add_argument("--trace-budget", type=int, default=30, help="HVPs per trace estimate (divisible by 3)")
     parser.add_argument("--density-runs", type=int, default=3, help="our SLQ runs (default: the library default 3)")
@@ -713,18 +769,24 @@ def main() -> None:
 
     libs = {
         "pyhessian": load_library("PyHessian", "pyhessian", "pyhessian", args.no_baselines),
-        "eigenthings": load_library("hessian-eigenthings", "hessian_eigenthings", "hessian-eigenthings", args.no_baselines),
+        "eigenthings": load_library(
+            "hessian-eigenthings", "hessian_eigenthings", "hessian-eigenthings", args.no_baselines
+        ),
         "curvlinops": load_library("curvlinops", "curvlinops", "curvlinops-for-pytorch", args.no_baselines),
     }
-    print(f"bench_core  {datetime.datetime.now().isoformat(timespec='seconds')}  "
-          f"python {platform.python_version()}  torch {torch.__version__}  "
-          f"{torch.get_num_threads()} thread(s)  {'quick' if args.quick else 'full'} run")
+    print(
+        f"bench_core  {datetime.datetime.now().isoformat(timespec='seconds')}  "
+        f"python {platform.python_version()}  torch {torch.__version__}  "
+        f"{torch.get_num_threads()} thread(s)  {'quick' if args.quick else 'full'} run"
+    )
     print("baselines: " + "; ".join(lib.label for lib in libs.values()))
 
     cases = build_cases([m.strip() for m in args.models.split(",") if m.strip()])
     for case in cases:
-        print(f"model {case.name}: n={case.n:,}, exact spectrum {'from cache' if case.from_cache else 'computed'} "
-              f"({case.exact_seconds:.1f} s), tr={case.trace:.6g}, lambda_max={case.top:.6g}, lambda_min={case.eigs[0]:.4g}")
+        print(
+            f"model {case.name}: n={case.n:,}, exact spectrum {'from cache' if case.from_cache else 'computed'} "
+            f"({case.exact_seconds:.1f} s), tr={case.trace:.6g}, lambda_max={case.top:.6g}, lambda_min={case.eigs[0]:.4g}"
+        )
 
     summary: list[str] = []
     for case in cases:
@@ -743,9 +805,19 @@ def main() -> None:
         warm_up(case, libs)
         if "trace" not in skip:
             rows = trace_section(case, libs, args.trace_budget, trace_seeds)
+
             def rms(row: Row) -> float:
-                return math.sqrt(statistics.mean(((r.estimate - case.trace) / case.trace) ** 2 for r in row.good())) if row.good() else float("nan")
-            parts = [f"{r.label}: rel err {rms(r):.2e}, t/ours {r.seconds() / rows[0].seconds():.2f}x" for r in rows if r.good()]
+                return (
+                    math.sqrt(statistics.mean(((r.estimate - case.trace) / case.trace) ** 2 for r in row.good()))
+                    if row.good()
+                    else float("nan")
+                )
+
+            parts = [
+                f"{r.label}: rel err {rms(r):.2e}, t/ours {r.seconds() / rows[0].seconds():.2f}x"
+                for r in rows
+                if r.good()
+            ]
             summary.append(f"[TRACE {case.name}, {args.trace_budget} HVPs] " + "; ".join(parts))
         if "eigen" not in skip:
             rows, budget = eigen_section(case, libs, eig_seeds, max_power)
@@ -755,14 +827,17 @@ def main() -> None:
             others = [
                 f"{r.label}: {r.hvps():.0f} HVPs rel err {max(abs(x.estimate - case.top) / abs(case.top) for x in r.good()):.1e} "
                 f"t/ours {r.seconds() / ours.seconds():.2f}x"
-                for r in rows[1:] if r.good()
+                for r in rows[1:]
+                if r.good()
             ]
             summary.append(
                 f"[EIG {case.name}] lambda_max to 1e-6 in <= 40 HVPs: {'MET' if met else 'NOT MET'} "
                 f"({ours.hvps():.0f} HVPs, max rel err {err:.1e}); " + "; ".join(others)
             )
         if "density" in skip or (args.quick and case.name != "digits MLP"):
-            summary.append(f"[DENSITY {case.name}] skipped" + (" (--quick runs the density on the MLP only)" if args.quick else ""))
+            summary.append(
+                f"[DENSITY {case.name}] skipped" + (" (--quick runs the density on the MLP only)" if args.quick else "")
+            )
         else:
             rows, w1s = density_section(case, libs, density_seeds, args.density_runs)
             ours, what_if, ref = rows[0], rows[2], rows[3]
@@ -776,17 +851,24 @@ def main() -> None:
                     f"HVPs {ours.hvps():.0f}/{ref.hvps():.0f} = {h:.3f}; time {ours.seconds():.2f}/{ref.seconds():.2f} s = {t:.3f}; "
                     f"what-if backend='autograd': time {what_if.seconds():.2f} s = {what_if.seconds() / ref.seconds():.3f})"
                 )
-                others = [f"{r.label}: W1 {w:.3e} ({w / w_ours:.2f}x ours), t/ours {r.seconds() / ours.seconds():.2f}x"
-                          for r, w in zip(rows[4:], w1s[4:]) if r.good()]
+                others = [
+                    f"{r.label}: W1 {w:.3e} ({w / w_ours:.2f}x ours), t/ours {r.seconds() / ours.seconds():.2f}x"
+                    for r, w in zip(rows[4:], w1s[4:])
+                    if r.good()
+                ]
                 if others:
                     summary.append(f"[DENSITY {case.name}, equal budget] " + "; ".join(others))
             else:
-                summary.append(f"[DENSITY {case.name}] eigenthings unavailable ({ref.failed}); ours W1 {w_ours:.3e}, "
-                               f"deflate=False {w_nd:.3e}, {ours.hvps():.0f} HVPs in {ours.seconds():.2f} s")
+                summary.append(
+                    f"[DENSITY {case.name}] eigenthings unavailable ({ref.failed}); ours W1 {w_ours:.3e}, "
+                    f"deflate=False {w_nd:.3e}, {ours.hvps():.0f} HVPs in {ours.seconds():.2f} s"
+                )
 
     print("\n" + "=" * 100)
-    print(f"SUMMARY  bench_core {datetime.date.today().isoformat()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), {'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s")
+    print(
+        f"SUMMARY  bench_core {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), {'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s"
+    )
     print("baselines: " + "; ".join(lib.label for lib in libs.values()))
     for line in summary:
         print("- " + line)

@@ -70,7 +70,9 @@ def main() -> None:
     monitor = HessianMonitor(top_k=3)
     watched = run(args.epochs, args.batch_size, monitor)
 
-    print(f"{'epoch':>5} {'train s (no cb)':>16} {'train s (cb)':>13} {'monitor s':>10} {'monitor/train':>14} {'HVPs':>5}")
+    print(
+        f"{'epoch':>5} {'train s (no cb)':>16} {'train s (cb)':>13} {'monitor s':>10} {'monitor/train':>14} {'HVPs':>5}"
+    )
     for i, row in enumerate(monitor.history):
         print(
             f"{i:>5} {baseline.seconds[i]:>16.3f} {watched.seconds[i]:>13.3f} {row['seconds']:>10.3f} "
@@ -78,8 +80,12 @@ def main() -> None:
         )
     train = statistics.median(baseline.seconds)
     mon = statistics.median(r["seconds"] for r in monitor.history)
-    print(f"\nmedian training epoch {train:.3f} s; median HessianMonitor evaluation {mon:.3f} s; ratio {mon / train:.2f}x")
-    print(f"HVPs per evaluation: {int(monitor.history[0]['num_hvps'])} ({monitor.num_runs} runs x {monitor.num_steps} steps)")
+    print(
+        f"\nmedian training epoch {train:.3f} s; median HessianMonitor evaluation {mon:.3f} s; ratio {mon / train:.2f}x"
+    )
+    print(
+        f"HVPs per evaluation: {int(monitor.history[0]['num_hvps'])} ({monitor.num_runs} runs x {monitor.num_steps} steps)"
+    )
 
 
 if __name__ == "__main__":

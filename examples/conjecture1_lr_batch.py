@@ -206,7 +206,9 @@ def main() -> None:
     plot(results, comparisons, args.out)
     print("\nSummary:")
     for v in verdicts:
-        print(f"  {v['name']:<24} early-separated={v['early_separated']!s:<5} curves-close={v['close']!s:<5} -> {v['verdict']}")
+        print(
+            f"  {v['name']:<24} early-separated={v['early_separated']!s:<5} curves-close={v['close']!s:<5} -> {v['verdict']}"
+        )
     print(f"total {time.perf_counter() - start:.0f} s; plot: {args.out}")
 
 

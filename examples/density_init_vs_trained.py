@@ -116,7 +116,12 @@ def plot(results: dict, checkpoints: list[int], path: Path) -> None:
         for i, epoch in enumerate(checkpoints):
             sd = per_seed[0][epoch]["sd"]
             label = "init" if epoch == 0 else f"epoch {epoch}"
-            ax.semilogy(sd.grid.numpy(), sd.density.clamp_min(1e-10).numpy(), color=cmap(i / max(1, len(checkpoints) - 1)), label=label)
+            ax.semilogy(
+                sd.grid.numpy(),
+                sd.density.clamp_min(1e-10).numpy(),
+                color=cmap(i / max(1, len(checkpoints) - 1)),
+                label=label,
+            )
         ax.axvline(0.0, color="grey", lw=0.5)
         ax.set_ylim(bottom=1e-7)
         ax.set_title(f"{name} (seed 0)")
@@ -133,8 +138,12 @@ def plot(results: dict, checkpoints: list[int], path: Path) -> None:
             sd = per_seed[0][epoch]["sd"]
             lo = float(per_seed[0][0]["lmin"]) * 1.2
             pts = torch.linspace(lo, -lo, 400, dtype=torch.float64)
-            ax.semilogy(pts.numpy(), sd.density_at(pts).clamp_min(1e-10).numpy(), color=cmap(i / max(1, len(checkpoints) - 1)),
-                        label="init" if epoch == 0 else f"epoch {epoch}")
+            ax.semilogy(
+                pts.numpy(),
+                sd.density_at(pts).clamp_min(1e-10).numpy(),
+                color=cmap(i / max(1, len(checkpoints) - 1)),
+                label="init" if epoch == 0 else f"epoch {epoch}",
+            )
         ax.axvline(0.0, color="grey", lw=0.5)
         ax.set_title(f"{name}: zoom around 0")
         ax.legend(fontsize=8)
@@ -158,14 +167,21 @@ def main() -> None:
     checkpoints = sorted({0, 1, 2, min(5, args.epochs), args.epochs})
     results = {}
     for name, bn in (("MLP (no BatchNorm)", False), ("MLP + BatchNorm", True)):
-        results[name] = [train_and_analyse(bn, seed, args.epochs, set(checkpoints), args.num_steps, args.num_runs) for seed in range(args.seeds)]
+        results[name] = [
+            train_and_analyse(bn, seed, args.epochs, set(checkpoints), args.num_steps, args.num_runs)
+            for seed in range(args.seeds)
+        ]
 
     def mean(name: str, epoch: int, key: str) -> float:
         return float(torch.tensor([r[epoch][key] for r in results[name]]).mean())
 
     keys = ("lmax", "lmin", "neg_mass", "neg_1e2", "neg_raw", "neg_curv", "outlier_ratio", "top10_share", "trace")
-    print(f"Mean over {args.seeds} seed(s); analysis set 161 samples; {args.num_runs} SLQ runs x {args.num_steps} Lanczos steps")
-    print(f"{'network':<20} {'epoch':>5} {'λmax':>8} {'λmin':>9} {'neg.mass':>9} {'neg>1e-2':>8} {'neg.raw':>8} {'neg|λ|':>7} {'λ1/λ11':>7} {'top10/tr':>8} {'trace':>8} {'loss':>7}")
+    print(
+        f"Mean over {args.seeds} seed(s); analysis set 161 samples; {args.num_runs} SLQ runs x {args.num_steps} Lanczos steps"
+    )
+    print(
+        f"{'network':<20} {'epoch':>5} {'λmax':>8} {'λmin':>9} {'neg.mass':>9} {'neg>1e-2':>8} {'neg.raw':>8} {'neg|λ|':>7} {'λ1/λ11':>7} {'top10/tr':>8} {'trace':>8} {'loss':>7}"
+    )
     for name in results:
         for epoch in checkpoints:
             row = {k: mean(name, epoch, k) for k in keys}
@@ -180,20 +196,30 @@ def main() -> None:
         init, ep2 = mean(name, 0, "neg_mass"), mean(name, min(2, args.epochs), "neg_mass")
         ok = init >= 0.01 and ep2 <= 0.5 * init
         ok_neg.append(ok)
-        print(f"{name}: negative mass {init:.4f} at init -> {ep2:.4f} after epoch {min(2, args.epochs)} "
-              f"-> {mean(name, args.epochs, 'neg_mass'):.4f} after epoch {args.epochs}; negative share of sum|λ| "
-              f"{mean(name, 0, 'neg_curv'):.4f} -> {mean(name, min(2, args.epochs), 'neg_curv'):.4f} -> {mean(name, args.epochs, 'neg_curv'):.4f}")
-    print(f"VERDICT negative mass: {'reproduced' if all(ok_neg) else 'not reproduced'} "
-          f"(criterion: init negative mass >= 0.01 and <= half of it after epoch 2, for both networks: {ok_neg})")
+        print(
+            f"{name}: negative mass {init:.4f} at init -> {ep2:.4f} after epoch {min(2, args.epochs)} "
+            f"-> {mean(name, args.epochs, 'neg_mass'):.4f} after epoch {args.epochs}; negative share of sum|λ| "
+            f"{mean(name, 0, 'neg_curv'):.4f} -> {mean(name, min(2, args.epochs), 'neg_curv'):.4f} -> {mean(name, args.epochs, 'neg_curv'):.4f}"
+        )
+    print(
+        f"VERDICT negative mass: {'reproduced' if all(ok_neg) else 'not reproduced'} "
+        f"(criterion: init negative mass >= 0.01 and <= half of it after epoch 2, for both networks: {ok_neg})"
+    )
     names = list(results)
     r_plain, r_bn = mean(names[0], args.epochs, "outlier_ratio"), mean(names[1], args.epochs, "outlier_ratio")
     r_plain0, r_bn0 = mean(names[0], 0, "outlier_ratio"), mean(names[1], 0, "outlier_ratio")
     ok_bn = r_plain >= 2 * r_bn
-    print(f"outlier ratio λ1/λ11: init {r_plain0:.2f} (no BN) vs {r_bn0:.2f} (BN); epoch {args.epochs} {r_plain:.2f} (no BN) vs {r_bn:.2f} (BN)")
-    print(f"VERDICT BatchNorm removes outliers: {'reproduced' if ok_bn else 'not reproduced'} "
-          f"(criterion: trained no-BN λ1/λ11 >= 2 x BN λ1/λ11: {r_plain:.2f} vs {r_bn:.2f})")
+    print(
+        f"outlier ratio λ1/λ11: init {r_plain0:.2f} (no BN) vs {r_bn0:.2f} (BN); epoch {args.epochs} {r_plain:.2f} (no BN) vs {r_bn:.2f} (BN)"
+    )
+    print(
+        f"VERDICT BatchNorm removes outliers: {'reproduced' if ok_bn else 'not reproduced'} "
+        f"(criterion: trained no-BN λ1/λ11 >= 2 x BN λ1/λ11: {r_plain:.2f} vs {r_bn:.2f})"
+    )
     plot(results, checkpoints, args.out)
-    print(f"total {time.perf_counter() - start:.0f} s; plots: {args.out} and {args.out.with_name(args.out.stem + '_zoom.png')}")
+    print(
+        f"total {time.perf_counter() - start:.0f} s; plots: {args.out} and {args.out.with_name(args.out.stem + '_zoom.png')}"
+    )
 
 
 if __name__ == "__main__":

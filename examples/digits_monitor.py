@@ -92,7 +92,9 @@ def main() -> None:
     trainer.fit(DigitsMLP(lr=args.lr), train_loader, val_loader)
     total = time.perf_counter() - start
 
-    print(f"{'epoch':>5} {'trace':>10} {'±stderr':>9} {'λ_max':>9} {'λ_min':>10} {'neg.mass':>9} {'HVPs':>5} {'sec':>6}")
+    print(
+        f"{'epoch':>5} {'trace':>10} {'±stderr':>9} {'λ_max':>9} {'λ_min':>10} {'neg.mass':>9} {'HVPs':>5} {'sec':>6}"
+    )
     for row in monitor.history:
         print(
             f"{int(row['epoch']):>5} {row['trace']:>10.4f} {row['trace_stderr']:>9.4f} {row['top_eigenvalue']:>9.4f} "

@@ -100,7 +100,12 @@ class Recorder(Callback):
     """Clean training loss, poison-set fit and validation accuracy at every epoch end."""
 
     def __init__(self, clean, poison_wrong, poison_true, val) -> None:
-        self.sets = {"clean": clean.tensors, "poison_wrong": poison_wrong.tensors, "poison_true": poison_true.tensors, "val": val.tensors}
+        self.sets = {
+            "clean": clean.tensors,
+            "poison_wrong": poison_wrong.tensors,
+            "poison_true": poison_true.tensors,
+            "val": val.tensors,
+        }
         self.rows: list[dict[str, float]] = []
 
     @torch.no_grad()
@@ -116,7 +121,9 @@ class Recorder(Callback):
         self.rows.append(row)
 
 
-def train(poisoned: bool, seed: int, epochs: int, num_directions: int, lr: float, hidden: int) -> list[dict[str, float]]:
+def train(
+    poisoned: bool, seed: int, epochs: int, num_directions: int, lr: float, hidden: int
+) -> list[dict[str, float]]:
     clean, poison_wrong, poison_true, val = split_data()
     pl.seed_everything(seed, verbose=False)
     model = PoisonedMLP(poison_wrong, seed, lr, hidden) if poisoned else AdamMLP(lr=lr, hidden=hidden)
@@ -141,8 +148,16 @@ def train(poisoned: bool, seed: int, epochs: int, num_directions: int, lr: float
     trainer.fit(model, loader)
     rows = []
     for a, n, r in zip(adam.history, naive.history, recorder.rows):
-        rows.append({**r, "log_p": a["log_volume"], "log_p_std": a["log_contribution_std"], "log_p_naive": n["log_volume"],
-                     "log_radius": a["log_radius_mean"], "vol_sec": a["seconds"] + n["seconds"]})
+        rows.append(
+            {
+                **r,
+                "log_p": a["log_volume"],
+                "log_p_std": a["log_contribution_std"],
+                "log_p_naive": n["log_volume"],
+                "log_radius": a["log_radius_mean"],
+                "vol_sec": a["seconds"] + n["seconds"],
+            }
+        )
     return rows
 
 
@@ -160,8 +175,15 @@ def plot(runs: dict, path: Path) -> None:
         axes[0].plot(ep, [r["log_p"] / math.log(10) for r in rows], color=color, label=lab)
         axes[0].plot(ep, [r["log_p_naive"] / math.log(10) for r in rows], color=color, ls=":", alpha=0.7)
         axes[1].semilogy(ep, [r["clean_loss"] for r in rows], color=color, label=lab)
-        axes[2].plot(ep, [r["poison_wrong_acc"] for r in rows], color=color, label=f"{kind}: poison (wrong labels) acc" if seed == 0 else None)
-        axes[2].plot(ep, [r["val_acc"] for r in rows], color=color, ls="--", label=f"{kind}: val acc" if seed == 0 else None)
+        axes[2].plot(
+            ep,
+            [r["poison_wrong_acc"] for r in rows],
+            color=color,
+            label=f"{kind}: poison (wrong labels) acc" if seed == 0 else None,
+        )
+        axes[2].plot(
+            ep, [r["val_acc"] for r in rows], color=color, ls="--", label=f"{kind}: val acc" if seed == 0 else None
+        )
     axes[0].set_ylabel("log10 P (solid: Adam, dotted: naive)")
     axes[1].set_ylabel("clean training loss")
     axes[2].set_ylabel("accuracy")
@@ -194,18 +216,24 @@ def main() -> None:
             runs[(kind, seed)] = train(kind == "poisoned", seed, args.epochs, args.num_directions, args.lr, args.hidden)
             print(f"trained {kind} seed {seed} ({time.perf_counter() - start:.0f} s so far)", flush=True)
 
-    header = (f"{'run':<12} {'epoch':>5} {'clean loss':>10} {'val acc':>7} {'poison fit':>10} {'log10 P':>9} "
-              f"{'±sd(dir)':>8} {'log10 P naive':>13} {'mean log r':>10}")
-    print("\nlog10 P: Adam-preconditioned Gaussian-measure estimate (init prior), KL cutoff 1e-2 nats;"
-          "\npoison fit: accuracy on the poison set's wrong labels (memorisation); ±sd(dir): spread of one-direction estimates")
+    header = (
+        f"{'run':<12} {'epoch':>5} {'clean loss':>10} {'val acc':>7} {'poison fit':>10} {'log10 P':>9} "
+        f"{'±sd(dir)':>8} {'log10 P naive':>13} {'mean log r':>10}"
+    )
+    print(
+        "\nlog10 P: Adam-preconditioned Gaussian-measure estimate (init prior), KL cutoff 1e-2 nats;"
+        "\npoison fit: accuracy on the poison set's wrong labels (memorisation); ±sd(dir): spread of one-direction estimates"
+    )
     print(header)
     show = sorted({0, 1, 2, 4, 9, 14, 19, 24, args.epochs - 1} & set(range(args.epochs)))
     for (kind, seed), rows in runs.items():
         for r in rows:
             if r["epoch"] in show:
-                print(f"{kind + ' s' + str(seed):<12} {r['epoch']:>5} {r['clean_loss']:>10.4f} {r['val_acc']:>7.3f} "
-                      f"{r['poison_wrong_acc']:>10.3f} {r['log_p'] / math.log(10):>9.1f} {r['log_p_std'] / math.log(10):>8.1f} "
-                      f"{r['log_p_naive'] / math.log(10):>13.1f} {r['log_radius']:>10.3f}")
+                print(
+                    f"{kind + ' s' + str(seed):<12} {r['epoch']:>5} {r['clean_loss']:>10.4f} {r['val_acc']:>7.3f} "
+                    f"{r['poison_wrong_acc']:>10.3f} {r['log_p'] / math.log(10):>9.1f} {r['log_p_std'] / math.log(10):>8.1f} "
+                    f"{r['log_p_naive'] / math.log(10):>13.1f} {r['log_radius']:>10.3f}"
+                )
 
     print("\n1) Local volume during training (clean networks):")
     falls = []
@@ -214,14 +242,22 @@ def main() -> None:
         first, last = rows[0]["log_p"], rows[-1]["log_p"]
         drops = sum(b["log_p"] < a["log_p"] for a, b in zip(rows, rows[1:]))
         falls.append(last < first)
-        print(f"   seed {seed}: log10 P {first / math.log(10):.1f} (epoch 0) -> {last / math.log(10):.1f} (epoch {rows[-1]['epoch']}); "
-              f"fell in {drops}/{len(rows) - 1} epoch steps; naive {rows[0]['log_p_naive'] / math.log(10):.1f} -> {rows[-1]['log_p_naive'] / math.log(10):.1f}")
-    print(f"VERDICT volume falls during training: {'reproduced' if all(falls) else 'not reproduced'} "
-          f"(criterion: clean log P at the last epoch < at epoch 0 for every seed: {falls})")
+        print(
+            f"   seed {seed}: log10 P {first / math.log(10):.1f} (epoch 0) -> {last / math.log(10):.1f} (epoch {rows[-1]['epoch']}); "
+            f"fell in {drops}/{len(rows) - 1} epoch steps; naive {rows[0]['log_p_naive'] / math.log(10):.1f} -> {rows[-1]['log_p_naive'] / math.log(10):.1f}"
+        )
+    print(
+        f"VERDICT volume falls during training: {'reproduced' if all(falls) else 'not reproduced'} "
+        f"(criterion: clean log P at the last epoch < at epoch 0 for every seed: {falls})"
+    )
 
-    print("\n2) Poisoned vs clean at matched clean training loss (poisoned: last epoch; clean: epoch with the closest clean loss):")
-    print(f"   {'seed':>4} {'clean ep':>8} {'clean loss':>10} {'pois. loss':>10} {'val clean':>9} {'val pois':>8} "
-          f"{'log10P clean':>12} {'log10P pois':>11} {'Δ':>7} {'Δ naive':>8}")
+    print(
+        "\n2) Poisoned vs clean at matched clean training loss (poisoned: last epoch; clean: epoch with the closest clean loss):"
+    )
+    print(
+        f"   {'seed':>4} {'clean ep':>8} {'clean loss':>10} {'pois. loss':>10} {'val clean':>9} {'val pois':>8} "
+        f"{'log10P clean':>12} {'log10P pois':>11} {'Δ':>7} {'Δ naive':>8}"
+    )
     smaller, smaller_naive, smaller_same = [], [], []
     for seed in range(args.seeds):
         p = runs[("poisoned", seed)][-1]
@@ -230,17 +266,25 @@ def main() -> None:
         delta_naive = (p["log_p_naive"] - c["log_p_naive"]) / math.log(10)
         smaller.append(delta < 0)
         smaller_naive.append(delta_naive < 0)
-        print(f"   {seed:>4} {c['epoch']:>8} {c['clean_loss']:>10.4f} {p['clean_loss']:>10.4f} {c['val_acc']:>9.3f} {p['val_acc']:>8.3f} "
-              f"{c['log_p'] / math.log(10):>12.1f} {p['log_p'] / math.log(10):>11.1f} {delta:>7.1f} {delta_naive:>8.1f}")
+        print(
+            f"   {seed:>4} {c['epoch']:>8} {c['clean_loss']:>10.4f} {p['clean_loss']:>10.4f} {c['val_acc']:>9.3f} {p['val_acc']:>8.3f} "
+            f"{c['log_p'] / math.log(10):>12.1f} {p['log_p'] / math.log(10):>11.1f} {delta:>7.1f} {delta_naive:>8.1f}"
+        )
         cl = runs[("clean", seed)][-1]
         smaller_same.append(p["log_p"] < cl["log_p"])
-        print(f"        (same last epoch instead: clean loss {cl['clean_loss']:.4f}, log10 P clean {cl['log_p'] / math.log(10):.1f} "
-              f"vs poisoned {p['log_p'] / math.log(10):.1f}: Δ {(p['log_p'] - cl['log_p']) / math.log(10):.1f})")
-    print(f"VERDICT poisoned smaller volume: {'reproduced' if all(smaller) else 'not reproduced'} "
-          f"(criterion: poisoned log P < clean log P at matched clean loss for every seed, Adam-preconditioned: {smaller}; "
-          f"naive estimator: {smaller_naive})")
-    print(f"VERDICT (secondary, same epoch) poisoned smaller volume: {'reproduced' if all(smaller_same) else 'not reproduced'} "
-          f"(criterion: poisoned log P < clean log P at the last epoch for every seed: {smaller_same})")
+        print(
+            f"        (same last epoch instead: clean loss {cl['clean_loss']:.4f}, log10 P clean {cl['log_p'] / math.log(10):.1f} "
+            f"vs poisoned {p['log_p'] / math.log(10):.1f}: Δ {(p['log_p'] - cl['log_p']) / math.log(10):.1f})"
+        )
+    print(
+        f"VERDICT poisoned smaller volume: {'reproduced' if all(smaller) else 'not reproduced'} "
+        f"(criterion: poisoned log P < clean log P at matched clean loss for every seed, Adam-preconditioned: {smaller}; "
+        f"naive estimator: {smaller_naive})"
+    )
+    print(
+        f"VERDICT (secondary, same epoch) poisoned smaller volume: {'reproduced' if all(smaller_same) else 'not reproduced'} "
+        f"(criterion: poisoned log P < clean log P at the last epoch for every seed: {smaller_same})"
+    )
     plot(runs, args.out)
     print(f"total {time.perf_counter() - start:.0f} s; plot: {args.out}")
 

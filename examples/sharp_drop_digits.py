@@ -166,7 +166,9 @@ def main() -> None:
             f"{det.flagged_at_epoch}; validation accuracy first reaches 90% of its best ({best:.3f}) at epoch {knee}"
         )
     if monitor.stopped_epoch is not None:
-        print(f"stopped at epoch {monitor.stopped_epoch} (patience {args.patience}), val acc {accuracy.acc[monitor.stopped_epoch]:.3f}")
+        print(
+            f"stopped at epoch {monitor.stopped_epoch} (patience {args.patience}), val acc {accuracy.acc[monitor.stopped_epoch]:.3f}"
+        )
     else:
         print(f"ran all {trainer.current_epoch} epochs")
     print(f"total {total:.1f} s, of which HessianMonitor {sum(r['seconds'] for r in monitor.history):.1f} s")

@@ -81,9 +81,7 @@ def _orthonormal_union(values: list[Tensor], vectors: list[Tensor]) -> tuple[Ten
     return torch.tensor(kept_vals, dtype=torch.float64), torch.stack(kept, dim=1)
 
 
-def leave_one_out_trace_samples(
-    result: LanczosResult, pairs: list[tuple[Tensor, Tensor]], num_params: int
-) -> Tensor:
+def leave_one_out_trace_samples(result: LanczosResult, pairs: list[tuple[Tensor, Tensor]], num_params: int) -> Tensor:
     r"""Per-run trace samples with the other runs' converged pairs as control variate.
 
     For run :math:`r` with unit start :math:`q_r` (:math:`n\,q_r^\top H q_r = n\alpha_{r,1}` is
@@ -113,8 +111,9 @@ def leave_one_out_trace_samples(
     return samples
 
 
-def _multiplicity(clusters: list[list[int]], vectors: list[Tensor], slots: list[dict[int, int]],
-                  weights: Tensor, num_params: int) -> int | None:
+def _multiplicity(
+    clusters: list[list[int]], vectors: list[Tensor], slots: list[dict[int, int]], weights: Tensor, num_params: int
+) -> int | None:
     """Multiplicity of an eigenvalue found by every run, or ``None`` when it cannot be told.
 
     ``clusters[r]`` are run ``r``'s converged nodes at that value (after convergence, rounding
@@ -165,16 +164,15 @@ def deflated_weights(
                 continue
             value = float(nodes[r, i])
             tol = 1e-6 * scale + 10 * float(residuals[r, i])
-            clusters = [
-                [k for k in candidates[s] if abs(float(nodes[s, k]) - value) <= tol] for s in range(num_runs)
-            ]
+            clusters = [[k for k in candidates[s] if abs(float(nodes[s, k]) - value) <= tol] for s in range(num_runs)]
             if any(not cluster for cluster in clusters):
                 continue
             # the run's own cluster first, so that counts[0] is this run's
             clusters = [clusters[r]] + [c for s, c in enumerate(clusters) if s != r]
             order = [r] + [s for s in range(num_runs) if s != r]
-            d = _multiplicity(clusters, [vectors[s] for s in order], [slots[s] for s in order],
-                              weights[order], num_params)
+            d = _multiplicity(
+                clusters, [vectors[s] for s in order], [slots[s] for s in order], weights[order], num_params
+            )
             if d is not None:
                 for k in clusters[0]:
                     masses[k] = d / len(clusters[0])

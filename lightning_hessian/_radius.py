@@ -81,8 +81,23 @@ class _Search:
     """One direction's state machine (plain floats: J directions cost microseconds per step)."""
 
     __slots__ = (
-        "method", "tol", "log_max", "max_step", "max_evals", "lo", "hi", "lo_s", "hi_s",
-        "lo_prev", "hi_prev", "last_side", "stall", "evals", "next_x", "done", "converged",
+        "method",
+        "tol",
+        "log_max",
+        "max_step",
+        "max_evals",
+        "lo",
+        "hi",
+        "lo_s",
+        "hi_s",
+        "lo_prev",
+        "hi_prev",
+        "last_side",
+        "stall",
+        "evals",
+        "next_x",
+        "done",
+        "converged",
         "capped",
     )
 
@@ -231,9 +246,7 @@ def find_radii(
         raise ValueError(f"`root_finder` must be 'secant' or 'bisection', got {method!r}.")
     tol = math.log1p(rel_tol)
     log_cutoff = math.log(cutoff)
-    searches = [
-        _Search(float(x), method, tol, log_max_radius, max_step, max_evaluations) for x in x0.tolist()
-    ]
+    searches = [_Search(float(x), method, tol, log_max_radius, max_step, max_evaluations) for x in x0.tolist()]
     while True:
         active = [j for j, s in enumerate(searches) if not s.done]
         if not active:

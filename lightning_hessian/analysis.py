@@ -196,14 +196,20 @@ def find_run(path: PathLike, format: SourceFormat = "auto") -> tuple[Literal["te
         if len(found) > 1:
             listing = "\n  ".join(str(p) for p in found[:10]) + ("\n  ..." if len(found) > 10 else "")
             raise ValueError(f"Several runs ({kind}) under {str(root)!r}; pass one of:\n  {listing}")
-    wanted = {"auto": "TensorBoard event files or metrics.csv", "tensorboard": "TensorBoard event files", "csv": "metrics.csv"}
+    wanted = {
+        "auto": "TensorBoard event files or metrics.csv",
+        "tensorboard": "TensorBoard event files",
+        "csv": "metrics.csv",
+    }
     raise FileNotFoundError(f"No {wanted[format]} under {str(root)!r}.")
 
 
 def _accumulator(path: Path):  # noqa: ANN202 - tensorboard type
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "histograms": 0, "images": 1, "audio": 1, "tensors": 1})
+    acc = EventAccumulator(
+        str(path), size_guidance={"scalars": 0, "histograms": 0, "images": 1, "audio": 1, "tensors": 1}
+    )
     acc.Reload()
     return acc
 
@@ -429,7 +435,9 @@ def _betacf(a: float, b: float, x: float) -> float:
         h *= delta
         if abs(delta - 1.0) < _CF_EPS:
             return h
-    warnings.warn(f"Incomplete beta continued fraction did not converge (a={a}, b={b}, x={x}).", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"Incomplete beta continued fraction did not converge (a={a}, b={b}, x={x}).", RuntimeWarning, stacklevel=3
+    )
     return h
 
 
@@ -736,7 +744,9 @@ def regression_table(results: Mapping[str, OLSResult], digits: int = 4, title: s
 class CurvatureRegressions(dict):
     """``dict`` key -> :class:`OLSResult` of the fitted models, plus ``skipped``: key -> reason."""
 
-    def __init__(self, results: Mapping[str, OLSResult], skipped: Mapping[str, str], available: Sequence[str] = ()) -> None:
+    def __init__(
+        self, results: Mapping[str, OLSResult], skipped: Mapping[str, str], available: Sequence[str] = ()
+    ) -> None:
         super().__init__(results)
         self.skipped: dict[str, str] = dict(skipped)
         self.available: list[str] = list(available)
@@ -810,7 +820,12 @@ def curvature_regressions(
     table_list = [tables] if isinstance(tables, MetricsTable) else list(tables)
     if not table_list or not all(isinstance(t, MetricsTable) for t in table_list):
         raise TypeError("`tables` must be a MetricsTable or a non-empty sequence of them.")
-    if isinstance(accuracy_scale, bool) or not isinstance(accuracy_scale, (int, float)) or not math.isfinite(accuracy_scale) or accuracy_scale <= 0:
+    if (
+        isinstance(accuracy_scale, bool)
+        or not isinstance(accuracy_scale, (int, float))
+        or not math.isfinite(accuracy_scale)
+        or accuracy_scale <= 0
+    ):
         raise ValueError(f"`accuracy_scale` must be a positive finite number, got {accuracy_scale!r}.")
     specs = [
         ("test~maxeig", test_acc, [top_eigenvalue]),
@@ -836,7 +851,8 @@ def curvature_regressions(
             skipped[key] = str(err)
     if skipped and warn:
         warnings.warn(
-            "curvature_regressions skipped " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+            "curvature_regressions skipped "
+            + "; ".join(f"{k}: {v}" for k, v in skipped.items())
             + f" (available metrics: {', '.join(available) or 'none'})",
             UserWarning,
             stacklevel=2,

@@ -136,7 +136,16 @@ def _plot_volume(table: MetricsTable, prefix: str, path: Path, dpi: int) -> Path
     return _save(fig, path, dpi)
 
 
-def _plot_lines(table: MetricsTable, names: list[str], title: str, ylabel: str, path: Path, dpi: int, trace: str | None = None, drop: float | None = None) -> Path | None:
+def _plot_lines(
+    table: MetricsTable,
+    names: list[str],
+    title: str,
+    ylabel: str,
+    path: Path,
+    dpi: int,
+    trace: str | None = None,
+    drop: float | None = None,
+) -> Path | None:
     names = [n for n in names if np.isfinite(table.column(n)).any()]
     if not names:
         return None
@@ -178,7 +187,9 @@ def _plot_density(history: DensityHistory, path: Path, dpi: int) -> Path:
     heat, lines = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
 
     epochs = history.epochs.astype(float)
-    mesh = heat.pcolormesh(grid, epochs, np.clip(matrix, floor, None), norm=LogNorm(vmin=floor, vmax=peak), shading="nearest", cmap="magma")
+    mesh = heat.pcolormesh(
+        grid, epochs, np.clip(matrix, floor, None), norm=LogNorm(vmin=floor, vmax=peak), shading="nearest", cmap="magma"
+    )
     fig.colorbar(mesh, ax=heat, label="density (log scale)")
     heat.axvline(0.0, color="white", lw=0.5, alpha=0.6)
     heat.set_xlabel("eigenvalue")
@@ -192,7 +203,9 @@ def _plot_density(history: DensityHistory, path: Path, dpi: int) -> Path:
     colours = cm.viridis
     for i, (g, d) in enumerate(zip(history.grids, history.densities())):
         if i in shown:
-            lines.semilogy(g, np.clip(d, floor, None), color=colours(norm(epochs[i])), lw=1.2, label=f"epoch {int(epochs[i])}")
+            lines.semilogy(
+                g, np.clip(d, floor, None), color=colours(norm(epochs[i])), lw=1.2, label=f"epoch {int(epochs[i])}"
+            )
     lines.set_ylim(bottom=floor)
     lines.axvline(0.0, color="grey", lw=0.5)
     lines.set_xlabel("eigenvalue")
@@ -246,7 +259,9 @@ def plot_run(
     drop = _sharp_drop_epoch(table, hessian_prefix)
     record(
         "accuracy.png",
-        _plot_lines(table, acc, "accuracy", "accuracy", out / "accuracy.png", dpi, trace=f"{hessian_prefix}trace", drop=drop),
+        _plot_lines(
+            table, acc, "accuracy", "accuracy", out / "accuracy.png", dpi, trace=f"{hessian_prefix}trace", drop=drop
+        ),
         "no *acc* metrics",
     )
     losses = [n for n in table.names if "loss" in n.lower()]
@@ -261,7 +276,9 @@ def plot_run(
         except ValueError as err:
             written["density.png"] = str(err)
         else:
-            written["density.png"] = _plot_density(history, out / "density.png", dpi) if len(history) else "no density histogram"
+            written["density.png"] = (
+                _plot_density(history, out / "density.png", dpi) if len(history) else "no density histogram"
+            )
     return written
 
 
@@ -317,15 +334,27 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     regress.add_argument("runs", metavar="RUN_DIR", nargs="+", help="one or more runs to pool")
-    regress.add_argument("--test-acc", default="test/acc", help="in-distribution test accuracy metric (default: test/acc)")
+    regress.add_argument(
+        "--test-acc", default="test/acc", help="in-distribution test accuracy metric (default: test/acc)"
+    )
     regress.add_argument("--ood-acc", default="ood/acc", help="OOD test accuracy metric (default: ood/acc)")
-    regress.add_argument("--top-eigenvalue", default="hessian/top_eigenvalue", help="top eigenvalue metric (default: hessian/top_eigenvalue)")
+    regress.add_argument(
+        "--top-eigenvalue",
+        default="hessian/top_eigenvalue",
+        help="top eigenvalue metric (default: hessian/top_eigenvalue)",
+    )
     regress.add_argument("--val-acc", default="val/acc", help="validation accuracy metric (default: val/acc)")
-    regress.add_argument("--accuracy-scale", type=float, default=1.0, help="multiply accuracies, e.g. 100 for percent (default: 1)")
+    regress.add_argument(
+        "--accuracy-scale", type=float, default=1.0, help="multiply accuracies, e.g. 100 for percent (default: 1)"
+    )
     regress.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     add_source(regress)
 
-    table = sub.add_parser("table", help="print the per-epoch metrics table", description="Print one row per epoch (last value logged in the epoch).")
+    table = sub.add_parser(
+        "table",
+        help="print the per-epoch metrics table",
+        description="Print one row per epoch (last value logged in the epoch).",
+    )
     table.add_argument("run", metavar="RUN_DIR", help="log directory, event file or metrics.csv of one run")
     table.add_argument("--csv", metavar="PATH", default=None, help="also write the table to this CSV file")
     table.add_argument("--columns", nargs="+", default=None, metavar="NAME", help="only these metrics")
@@ -346,7 +375,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         return 1
     matplotlib.use("Agg")  # the command line process only: no display needed
     out = Path(args.out) if args.out is not None else _default_out(args.run)
-    written = plot_run(args.run, out, hessian_prefix=args.prefix, volume_prefix=args.volume_prefix, dpi=args.dpi, format=args.format)
+    written = plot_run(
+        args.run, out, hessian_prefix=args.prefix, volume_prefix=args.volume_prefix, dpi=args.dpi, format=args.format
+    )
     any_written = False
     for name, result in written.items():
         if isinstance(result, Path):

@@ -200,9 +200,7 @@ class SpectralDensity:
         at = int(torch.searchsorted(cumulative, torch.tensor(0.95, dtype=cumulative.dtype)))
         return float(magnitude[order][min(at, magnitude.numel() - 1)])
 
-    def negative_fraction(
-        self, relative_threshold: float | None = None, *, threshold: float | None = None
-    ) -> float:
+    def negative_fraction(self, relative_threshold: float | None = None, *, threshold: float | None = None) -> float:
         r"""Fraction of eigenvalues below :math:`-\tau`, :math:`\frac1R\sum_r\sum_i w_{ri}[\ell_{ri} < -\tau]`.
 
         :math:`\tau` is ``threshold`` if given, else ``relative_threshold`` (default
@@ -401,9 +399,7 @@ def spectral_density(
     generator = make_generator(seed)
     n = op.num_params
     starts = draw_probes(n, num_runs, probe, generator, device=op.device)
-    result = lanczos(
-        op, starts, num_steps, store_basis=store_basis, basis_dtype=basis_dtype, basis_device=basis_device
-    )
+    result = lanczos(op, starts, num_steps, store_basis=store_basis, basis_dtype=basis_dtype, basis_device=basis_device)
     m = max(len(a) for a in result.alphas)
     nodes = torch.zeros((num_runs, m), dtype=torch.float64)
     weights = torch.zeros((num_runs, m), dtype=torch.float64)
@@ -430,9 +426,7 @@ def spectral_density(
         if num_runs >= 2:
             pairs = [_variate_pairs(nodes[r], weights[r], chosen, vectors[r], n) for r, chosen in enumerate(candidates)]
             loo = leave_one_out_trace_samples(result, pairs, n)
-            deflated, num_deflated, deflated_mask = deflated_weights(
-                nodes, weights, residuals, candidates, vectors, n
-            )
+            deflated, num_deflated, deflated_mask = deflated_weights(nodes, weights, residuals, candidates, vectors, n)
         del vectors
     lo, hi = float(nodes.min()), float(nodes.max())
     spread = hi - lo

@@ -323,9 +323,7 @@ class TraceSharpDropDetector:
         except TypeError:
             raise TypeError(f"`epoch` must be an int, got {type(epoch).__name__}.") from None
         if self._epochs and epoch <= self._epochs[-1]:
-            raise ValueError(
-                f"`epoch` must be strictly increasing: got {epoch} after {self._epochs[-1]}."
-            )
+            raise ValueError(f"`epoch` must be strictly increasing: got {epoch} after {self._epochs[-1]}.")
         trace = float(trace)
         if stderr is not None:
             stderr = float(stderr)

@@ -259,4 +259,6 @@ def hessian_trace(
         )
     if adaptive and max_probes < min_probes:
         raise ValueError(f"Need `min_probes` <= `max_probes`, got {min_probes}, {max_probes}.")
-    return _hutchinson(op, probe, generator, num_probes, rel_tol, abs_tol, confidence, max_probes, min_probes, batch_size)
+    return _hutchinson(
+        op, probe, generator, num_probes, rel_tol, abs_tol, confidence, max_probes, min_probes, batch_size
+    )

@@ -187,7 +187,9 @@ def _synthetic_run(n_epochs: int = 60, seed: int = 0, with_ood: bool = True) -> 
     lam = 5 + np.cumsum(rng.normal(size=n_epochs))
     val = np.cumsum(rng.normal(0.5, 1.0, size=n_epochs))
     d_lam, d_val = np.diff(lam), np.diff(val)
-    test = np.concatenate([[10.0], 10 + np.cumsum(0.2 - 0.01 * d_lam + 0.95 * d_val + 0.05 * rng.normal(size=n_epochs - 1))])
+    test = np.concatenate(
+        [[10.0], 10 + np.cumsum(0.2 - 0.01 * d_lam + 0.95 * d_val + 0.05 * rng.normal(size=n_epochs - 1))]
+    )
     ood = np.concatenate([[8.0], 8 + np.cumsum(0.1 - 0.5 * d_lam + 0.7 * d_val + 0.05 * rng.normal(size=n_epochs - 1))])
     data = {"hessian/top_eigenvalue": lam, "val/acc": val, "test/acc": test}
     if with_ood:
@@ -220,7 +222,17 @@ def test_curvature_regressions_are_ols_on_first_differences():
     assert results["test~maxeig+val"].params["Δ val/acc"] == pytest.approx(0.95, abs=0.05)
 
     text = results.summary()
-    for token in ("test~maxeig", "ood~maxeig+val", "Δ hessian/top_eigenvalue", "constant", "F-test", "AIC", "N", "***", "("):
+    for token in (
+        "test~maxeig",
+        "ood~maxeig+val",
+        "Δ hessian/top_eigenvalue",
+        "constant",
+        "F-test",
+        "AIC",
+        "N",
+        "***",
+        "(",
+    ):
         assert token in text
 
 
@@ -237,10 +249,15 @@ def test_curvature_regressions_pool_runs_and_skip_missing_columns():
     x = np.concatenate([np.diff(r.column("hessian/top_eigenvalue")) for r in runs])
     beta, *_ = np.linalg.lstsq(np.column_stack([np.ones_like(x), x]), y, rcond=None)
     assert results["test~maxeig"].nobs == 59 + 29
-    np.testing.assert_allclose([results["test~maxeig"].params[n] for n in ("const", "Δ hessian/top_eigenvalue")], beta, rtol=1e-10)
+    np.testing.assert_allclose(
+        [results["test~maxeig"].params[n] for n in ("const", "Δ hessian/top_eigenvalue")], beta, rtol=1e-10
+    )
     assert "skipped ood~maxeig" in results.summary()
 
-    short = MetricsTable(np.arange(2), {"hessian/top_eigenvalue": [1.0, 2.0], "test/acc": [0.1, 0.2], "val/acc": [0.1, 0.3], "ood/acc": [0.0, 0.1]})
+    short = MetricsTable(
+        np.arange(2),
+        {"hessian/top_eigenvalue": [1.0, 2.0], "test/acc": [0.1, 0.2], "val/acc": [0.1, 0.3], "ood/acc": [0.0, 0.1]},
+    )
     few = curvature_regressions(short, warn=False)
     assert not few and "more complete observations" in few.skipped["test~maxeig"]
     with pytest.raises(ValueError, match="accuracy_scale"):
@@ -282,7 +299,9 @@ def test_synthetic_sparse_metrics_csv(tmp_path: Path):
     table = load_metrics(path)
     assert table.index_name == "epoch" and table.source == str(path)
     np.testing.assert_array_equal(table.epochs, [0, 1, 3])
-    assert table.names == sorted(["train_loss_step", "val/acc", "hessian/trace", "hessian/trace_sharp_drop_epoch", "never"])
+    assert table.names == sorted(
+        ["train_loss_step", "val/acc", "hessian/trace", "hessian/trace_sharp_drop_epoch", "never"]
+    )
     np.testing.assert_array_equal(table.column("train_loss_step"), [1.5, 1.2, np.nan])
     np.testing.assert_array_equal(table.column("val/acc"), [0.25, 0.55, 0.75])
     np.testing.assert_array_equal(table.column("hessian/trace"), [10.0, np.nan, 12.5])
@@ -335,7 +354,9 @@ def test_tensorboard_and_csv_readers_on_a_real_run(tmp_path: Path):
     tb = TensorBoardLogger(tmp_path, name="tb")
     csv_logger = CSVLogger(tmp_path, name="csv")
     recorder = _Recorder()
-    trainer = pl.Trainer(callbacks=[recorder], **trainer_kwargs(max_epochs=3, logger=[tb, csv_logger], log_every_n_steps=1))
+    trainer = pl.Trainer(
+        callbacks=[recorder], **trainer_kwargs(max_epochs=3, logger=[tb, csv_logger], log_every_n_steps=1)
+    )
     trainer.fit(_LoggingModule(hidden=16), digits_loader(limit=192), digits_loader(limit=96, shuffle=False))
 
     tb_table = load_metrics(tb.log_dir)
@@ -387,8 +408,15 @@ def test_load_density_from_raw_histograms(tmp_path: Path):
         counts = density * (grid[1] - grid[0]) * n
         # like HessianMonitor: at global_step (the next epoch's first step), before the epoch's flush
         writer.add_histogram_raw(
-            "hessian/eigenvalue_density", min=-1.0, max=4.0, num=n, sum=0.0, sum_squares=0.0,
-            bucket_limits=grid.tolist(), bucket_counts=counts.tolist(), global_step=step,
+            "hessian/eigenvalue_density",
+            min=-1.0,
+            max=4.0,
+            num=n,
+            sum=0.0,
+            sum_squares=0.0,
+            bucket_limits=grid.tolist(),
+            bucket_counts=counts.tolist(),
+            global_step=step,
         )
         writer.add_scalar("hessian/trace", float(epoch), step - 1)
         writer.add_scalar("epoch", epoch, step - 1)

@@ -330,7 +330,9 @@ def test_moving_stream_bit_identical_training():
         pl.seed_everything(0, verbose=False)
         weights = _Weights()
         monitors = [HessianMonitor(num_runs=2, num_steps=4, max_samples=32, detect_sharp_drop=False)] * with_monitor
-        _trainer([*monitors, weights], max_epochs=2).fit(DigitsModule(hidden=8), DataLoader(CountingStream(), batch_size=16))
+        _trainer([*monitors, weights], max_epochs=2).fit(
+            DigitsModule(hidden=8), DataLoader(CountingStream(), batch_size=16)
+        )
         return weights.weights
 
     for a, b in zip(fit(True), fit(False)):
@@ -350,7 +352,9 @@ def test_unisolatable_stream_warns_once_before_training():
     monitor = HessianMonitor(num_runs=2, num_steps=4, max_samples=32, detect_sharp_drop=False)
 
     with pytest.warns(UserWarning, match=r"OneShotStream.*source.*`dataset=`") as record:
-        _trainer([monitor, counter], max_epochs=2).fit(DigitsModule(hidden=8), DataLoader(OneShotStream(), batch_size=16))
+        _trainer([monitor, counter], max_epochs=2).fit(
+            DigitsModule(hidden=8), DataLoader(OneShotStream(), batch_size=16)
+        )
     warned = [w for w in record if "OneShotStream" in str(w.message)]
     assert len(warned) == 1 and _CountSteps.steps == 8
     assert len(monitor.history) == 2 and math.isfinite(monitor.history[-1]["trace"])

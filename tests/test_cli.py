@@ -39,7 +39,9 @@ def tb_run(tmp_path_factory) -> Path:
     pl.seed_everything(0, verbose=False)
     logger = TensorBoardLogger(root, name="tb")
     callbacks = [HessianMonitor(num_runs=2, num_steps=8, analysis_fraction=0.25), NoisyInputAccuracy()]
-    trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(max_epochs=2, logger=logger, num_sanity_val_steps=0, log_every_n_steps=1))
+    trainer = pl.Trainer(
+        callbacks=callbacks, **trainer_kwargs(max_epochs=2, logger=logger, num_sanity_val_steps=0, log_every_n_steps=1)
+    )
     trainer.fit(_ValModule(hidden=16), digits_loader(limit=192), digits_loader(limit=96, shuffle=False))
     return Path(logger.log_dir)
 
@@ -96,7 +98,13 @@ def _synthetic_csv_run(path: Path, n_epochs: int = 40) -> Path:
     val = np.cumsum(rng.normal(0.01, 0.02, size=n_epochs))
     test = val + 0.01 * rng.normal(size=n_epochs)
     ood = 0.8 * val - 0.002 * lam + 0.01 * rng.normal(size=n_epochs)
-    data = {"hessian/top_eigenvalue": lam, "val/acc": val, "test/acc": test, "ood/acc": ood, "hessian/trace": 50 + 3 * lam}
+    data = {
+        "hessian/top_eigenvalue": lam,
+        "val/acc": val,
+        "test/acc": test,
+        "ood/acc": ood,
+        "hessian/trace": 50 + 3 * lam,
+    }
     return MetricsTable(np.arange(n_epochs), data).to_csv(path / "metrics.csv")
 
 
@@ -104,8 +112,21 @@ def test_regress_prints_the_four_models(tmp_path: Path, capsys):
     run = _synthetic_csv_run(tmp_path)
     assert main(["regress", str(run), "--accuracy-scale", "100"]) == 0
     out = capsys.readouterr().out
-    for token in ("test~maxeig", "test~maxeig+val", "ood~maxeig", "ood~maxeig+val", "Δ test/acc", "Δ ood/acc",
-                  "Δ hessian/top_eigenvalue", "Δ val/acc", "constant", "F-test", "AIC", "N", "Note: *** p<0.01"):
+    for token in (
+        "test~maxeig",
+        "test~maxeig+val",
+        "ood~maxeig",
+        "ood~maxeig+val",
+        "Δ test/acc",
+        "Δ ood/acc",
+        "Δ hessian/top_eigenvalue",
+        "Δ val/acc",
+        "constant",
+        "F-test",
+        "AIC",
+        "N",
+        "Note: *** p<0.01",
+    ):
         assert token in out, token
     assert main(["regress", str(run), str(run), "--json"]) == 0  # two runs pooled
     payload = json.loads(capsys.readouterr().out)
@@ -131,14 +152,16 @@ def test_plot_run_on_a_csv_log_leaves_the_backend_alone(tmp_path: Path):
     backend = matplotlib.get_backend()
     table = load_metrics(_synthetic_csv_run(tmp_path))
     n = len(table)
-    table.data.update({
-        "hessian/trace_stderr": np.full(n, 2.0),
-        "hessian/trace_sharp_drop_epoch": np.where(np.arange(n) > 20, 15.0, np.nan),
-        "volume/log_volume": -np.arange(n, dtype=float),
-        "volume/log_radius_mean": np.linspace(-3, -2, n),
-        "volume/log_radius_std": np.full(n, 0.1),
-        "volume/seconds": np.ones(n),
-    })
+    table.data.update(
+        {
+            "hessian/trace_stderr": np.full(n, 2.0),
+            "hessian/trace_sharp_drop_epoch": np.where(np.arange(n) > 20, 15.0, np.nan),
+            "volume/log_volume": -np.arange(n, dtype=float),
+            "volume/log_radius_mean": np.linspace(-3, -2, n),
+            "volume/log_radius_std": np.full(n, 0.1),
+            "volume/seconds": np.ones(n),
+        }
+    )
     run = table.to_csv(tmp_path / "rich" / "metrics.csv")
     written = plot_run(run, tmp_path / "plots", dpi=60)
     assert matplotlib.get_backend() == backend

@@ -219,7 +219,9 @@ def test_nan_epoch_warns_and_training_continues():
 
 def test_early_stopping_can_monitor_metric():
     monitor = HessianMonitor(num_runs=2, num_steps=8)
-    stopper = EarlyStopping(monitor="hessian/top_eigenvalue", mode="min", patience=0, check_on_train_epoch_end=True, stopping_threshold=1e9)
+    stopper = EarlyStopping(
+        monitor="hessian/top_eigenvalue", mode="min", patience=0, check_on_train_epoch_end=True, stopping_threshold=1e9
+    )
     trainer = _fit(DigitsModule(hidden=8), monitor, max_epochs=3, extra_callbacks=[stopper])
     assert trainer.current_epoch < 3  # stopping_threshold is met at once
 

@@ -150,7 +150,9 @@ def test_basis_free_mode_keeps_extremes_and_shows_ghosts():
     Extreme Ritz values still converge; once the top one has, orthogonality is lost and it comes
     back as a spurious copy (a "ghost"): measured here, as the documentation says.
     """
-    lam = torch.cat([torch.tensor([50.0, 20.0], dtype=torch.float64), torch.linspace(0.0, 1.0, 298, dtype=torch.float64)])
+    lam = torch.cat(
+        [torch.tensor([50.0, 20.0], dtype=torch.float64), torch.linspace(0.0, 1.0, 298, dtype=torch.float64)]
+    )
     op = MatrixOperator(_rotated(lam, seed=9))
     starts = _starts(300, 2, seed=9)
     full = lanczos(op, starts, 80)

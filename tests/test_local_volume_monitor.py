@@ -150,7 +150,11 @@ def test_resume_restores_history_indices_and_init_prior(tmp_path: Path):
     trainer = pl.Trainer(callbacks=[resumed], **trainer_kwargs(max_epochs=3, default_root_dir=tmp_path))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*snapshotted from the restored.*")
-        trainer.fit(DigitsModule(hidden=8, optimizer="adam", lr=0.01), digits_loader(limit=400), ckpt_path=str(tmp_path / "last.ckpt"))
+        trainer.fit(
+            DigitsModule(hidden=8, optimizer="adam", lr=0.01),
+            digits_loader(limit=400),
+            ckpt_path=str(tmp_path / "last.ckpt"),
+        )
     assert resumed.analysis.indices == indices
     assert resumed.init_prior == initial_prior  # not re-snapshotted from the restored weights
     assert [int(r["epoch"]) for r in resumed.history] == [0, 1, 2]
@@ -391,7 +395,9 @@ def test_parameter_in_no_optimizer_fails_at_fit_start_and_one_without_gradient_i
     assert trainer.global_step == 0
     # In an optimizer but never given a gradient: Adam has no state for it at the evaluation.
     monitor = _monitor()
-    with pytest.warns(UserWarning, match=r"no Adam `exp_avg_sq`.*\['unused.weight', 'unused.bias'\].*requires_grad=False"):
+    with pytest.warns(
+        UserWarning, match=r"no Adam `exp_avg_sq`.*\['unused.weight', 'unused.bias'\].*requires_grad=False"
+    ):
         _fit(_ManualModule(two_optimizers=True, unused=True), monitor, max_epochs=1)
     assert math.isnan(monitor.history[-1]["log_volume"])
 

@@ -144,7 +144,9 @@ def test_wandb_offline_run_has_density_histogram_image_and_scalars(tmp_path: Pat
     assert len(radii) == EPOCHS and sum(radii[-1]["volume/log_radii/values"]) == volume.num_directions
     scalars = [r for r in rows if "hessian/trace" in r]
     assert [r["hessian/trace"] for r in scalars] == pytest.approx([h["trace"] for h in hessian.history], rel=1e-6)
-    assert [r["volume/log_volume"] for r in scalars] == pytest.approx([h["log_volume"] for h in volume.history], rel=1e-6)
+    assert [r["volume/log_volume"] for r in scalars] == pytest.approx(
+        [h["log_volume"] for h in volume.history], rel=1e-6
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -109,7 +109,9 @@ def test_training_is_bit_identical_with_and_without_callback():
     for p, q in zip(reference.parameters(), with_callback.parameters()):
         assert torch.equal(p, q)
     assert "ood/acc" in trainer.callback_metrics and "val/clean_acc" in trainer.callback_metrics
-    assert trainer.callback_metrics["val/clean_acc"] == pytest.approx(float(trainer.callback_metrics["val/acc"]), abs=1e-6)
+    assert trainer.callback_metrics["val/clean_acc"] == pytest.approx(
+        float(trainer.callback_metrics["val/acc"]), abs=1e-6
+    )
     # the comparison is sensitive: one global draw per validation batch changes the weights
     perturbed, _ = _fit([_ConsumesGlobalRNG()])
     assert any(not torch.equal(p, q) for p, q in zip(reference.parameters(), perturbed.parameters()))
@@ -136,7 +138,10 @@ def test_sanity_check_is_skipped():
 
 def test_several_dataloaders():
     model = _model()
-    loaders = [digits_loader(batch_size=50, limit=100, shuffle=False), digits_loader(batch_size=40, limit=120, shuffle=False)]
+    loaders = [
+        digits_loader(batch_size=50, limit=100, shuffle=False),
+        digits_loader(batch_size=40, limit=120, shuffle=False),
+    ]
     trainer = pl.Trainer(callbacks=[NoisyInputAccuracy()], **trainer_kwargs())
     trainer.validate(model, loaders, verbose=False)
     assert {"ood/acc/dataloader_idx_0", "ood/acc/dataloader_idx_1"} <= set(trainer.callback_metrics)

@@ -320,7 +320,9 @@ def test_all_reduce_gives_the_global_hessian(small_problem):
     shards = [[(x[:50], y[:50]), (x[50:100], y[50:100])], [(x[100:], y[100:])], []]
     group = _FakeGroup(3)
     ops = [
-        HessianOperator(copy.deepcopy(model), F.cross_entropy, shard, backend="autograd", all_reduce=group.all_reduce(r))
+        HessianOperator(
+            copy.deepcopy(model), F.cross_entropy, shard, backend="autograd", all_reduce=group.all_reduce(r)
+        )
         for r, shard in enumerate(shards)
     ]
     V = _randn(H.shape[0], 3, seed=20)
@@ -339,7 +341,9 @@ def test_all_reduce_failure_on_one_rank_reaches_every_rank(small_problem):
     group = _FakeGroup(2)
     shards = [[(x[:100], y[:100])], bad]
     ops = [
-        HessianOperator(copy.deepcopy(model), F.cross_entropy, shard, backend="autograd", all_reduce=group.all_reduce(r))
+        HessianOperator(
+            copy.deepcopy(model), F.cross_entropy, shard, backend="autograd", all_reduce=group.all_reduce(r)
+        )
         for r, shard in enumerate(shards)
     ]
     V = _randn(ops[0].num_params, 2, seed=21)

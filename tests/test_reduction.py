@@ -76,7 +76,10 @@ def test_warning_names_the_fix_and_the_operator_check():
 
 def test_monitor_warns_once_on_a_summed_loss():
     monitor = HessianMonitor(
-        num_runs=2, num_steps=5, analysis_fraction=0.1, log_density=False,
+        num_runs=2,
+        num_steps=5,
+        analysis_fraction=0.1,
+        log_density=False,
         loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="sum"),
     )
     pl.seed_everything(0, verbose=False)

@@ -483,8 +483,14 @@ def test_invalid_constructor_arguments(name: str, value, valid: str) -> None:
 
 def test_valid_edge_arguments_accepted() -> None:
     det = TraceSharpDropDetector(
-        window=1, min_relative_drop=0.99, noise_multiplier=0, stderr_multiplier=0, confirm=1, max_rebound=0,
-        lookback=2, min_history=3,
+        window=1,
+        min_relative_drop=0.99,
+        noise_multiplier=0,
+        stderr_multiplier=0,
+        confirm=1,
+        max_rebound=0,
+        lookback=2,
+        min_history=3,
     )
     assert (det.window, det.confirm, det.lookback, det.min_history) == (1, 1, 2, 3)
     assert isinstance(det.noise_multiplier, float)

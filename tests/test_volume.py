@@ -98,7 +98,9 @@ def digits_estimates(digits):
     """Naive and Adam-preconditioned KL-cost estimates under the Gaussian measure N(0, 1)."""
     model, optimizer, data, _ = digits
     naive = local_volume(model, data, prior_std=1.0, num_directions=100, seed=0)
-    adam = local_volume(model, data, prior_std=1.0, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer)
+    adam = local_volume(
+        model, data, prior_std=1.0, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer
+    )
     return naive, adam
 
 
@@ -144,7 +146,9 @@ def test_loss_cost_on_least_squares_matches_closed_form():
     gen = torch.Generator().manual_seed(3)
     q, _ = torch.linalg.qr(torch.randn(N, IN, generator=gen, dtype=torch.float64))
     x = q * curv.sqrt() * math.sqrt(N)
-    y = x @ torch.randn(IN, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(N, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(IN, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(
+        N, generator=gen, dtype=torch.float64
+    )
     model = nn.Linear(IN, 1, bias=False).double()
     with torch.no_grad():
         model.weight.copy_(torch.linalg.lstsq(x, y.unsqueeze(1)).solution.t())
@@ -155,7 +159,9 @@ def test_loss_cost_on_least_squares_matches_closed_form():
     def mse(out, target):
         return F.mse_loss(out.squeeze(-1), target)
 
-    est = local_volume(model, data, cost="loss", loss_fn=mse, measure="lebesgue", num_directions=10, preconditioner=fisher.rsqrt())
+    est = local_volume(
+        model, data, cost="loss", loss_fn=mse, measure="lebesgue", num_directions=10, preconditioner=fisher.rsqrt()
+    )
     assert abs(est.log_volume - closed) < 1e-6
     est2 = local_volume(
         model,
@@ -194,7 +200,11 @@ def test_ball_gaussian_measure_matches_ncx2(weight_scale, prior_std, cutoff):
     model, data, n = _ball_problem(weight_scale)
     radius = math.sqrt(2 * cutoff)
     lam = float((model.weight.detach() ** 2).sum()) / prior_std**2
-    exact = float(stats.ncx2.logcdf(radius**2 / prior_std**2, n, lam) if lam > 0 else stats.chi2.logcdf(radius**2 / prior_std**2, n))
+    exact = float(
+        stats.ncx2.logcdf(radius**2 / prior_std**2, n, lam)
+        if lam > 0
+        else stats.chi2.logcdf(radius**2 / prior_std**2, n)
+    )
     est = local_volume(model, data, cost="gaussian", cutoff=cutoff, prior_std=prior_std, num_directions=100)
     assert abs(est.log_volume - exact) < 0.1, (est.log_volume, exact)
     # Every direction has the same, known radius.
@@ -215,7 +225,9 @@ def test_radial_integral_against_incomplete_gamma_and_quadrature():
                 if not reg > 0:  # underflows for r far below t* at large n
                     continue
                 exact = math.log(0.5) + (n / 2) * math.log(2 / a) + special.gammaln(n / 2) + math.log(reg)
-                got = log_radial_gaussian_integral(torch.tensor([a], dtype=f64), torch.zeros(1, dtype=f64), n, torch.tensor([r], dtype=f64))
+                got = log_radial_gaussian_integral(
+                    torch.tensor([a], dtype=f64), torch.zeros(1, dtype=f64), n, torch.tensor([r], dtype=f64)
+                )
                 assert abs(float(got) - exact) < 0.25 / math.sqrt(n), (n, a, r, float(got), exact)
     # b != 0: quadrature in log space
     for n in (50, 400):
@@ -224,7 +236,9 @@ def test_radial_integral_against_incomplete_gamma_and_quadrature():
                 ts = np.linspace(1e-12, r, 400001)
                 g = -0.5 * a * ts * ts - b * ts + (n - 1) * np.log(ts)
                 exact = g.max() + math.log(np.trapezoid(np.exp(g - g.max()), ts))
-                got = log_radial_gaussian_integral(torch.tensor([a], dtype=f64), torch.tensor([b], dtype=f64), n, torch.tensor([r], dtype=f64))
+                got = log_radial_gaussian_integral(
+                    torch.tensor([a], dtype=f64), torch.tensor([b], dtype=f64), n, torch.tensor([r], dtype=f64)
+                )
                 assert abs(float(got) - exact) < 0.25 / math.sqrt(n), (n, a, b, r, float(got), exact)
 
 
@@ -277,7 +291,12 @@ def test_radius_finder_accuracy_and_passes(x0):
 
 def test_radius_finder_exact_quadratic_needs_three_evaluations_and_caps():
     a = torch.tensor([1.0, 4.0, 0.0], dtype=torch.float64)
-    res = find_radii(lambda idx, t: 0.5 * a[idx] * t**2, torch.zeros(3, dtype=torch.float64), cutoff=1e-2, log_max_radius=math.log(1e3))
+    res = find_radii(
+        lambda idx, t: 0.5 * a[idx] * t**2,
+        torch.zeros(3, dtype=torch.float64),
+        cutoff=1e-2,
+        log_max_radius=math.log(1e3),
+    )
     assert res.evaluations[:2].tolist() == [3, 3]
     assert torch.allclose(res.log_radius[:2], torch.log(torch.sqrt(2e-2 / a[:2])), atol=1e-12)
     assert res.capped.tolist() == [False, False, True]
@@ -311,7 +330,9 @@ def test_known_radii_of_a_non_quadratic_cost_end_to_end():
 
     cutoff = 0.3
     true_r = math.sqrt((-0.5 + math.sqrt(0.25 + 4 * cutoff)) / 2)
-    est = local_volume(Weights(), [(torch.zeros(3, 1),)], cost=cost, cutoff=cutoff, measure="lebesgue", num_directions=20)
+    est = local_volume(
+        Weights(), [(torch.zeros(3, 1),)], cost=cost, cutoff=cutoff, measure="lebesgue", num_directions=20
+    )
     rel_err = (est.log_radii.exp() - true_r).abs() / true_r
     assert rel_err.max() <= 1e-4
     assert est.forward_passes_per_direction <= 8
@@ -341,11 +362,15 @@ def test_digits_adam_preconditioner_beats_naive(digits, digits_estimates):
     # (rho <= 1.5 loses to naive there); the default rho = 3 still wins.
     model, optimizer, data, prior = digits
     naive_init = local_volume(model, data, prior_std=prior, num_directions=100, seed=0)
-    adam_init = local_volume(model, data, prior_std=prior, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer)
+    adam_init = local_volume(
+        model, data, prior_std=prior, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer
+    )
     assert adam_init.log_volume > naive_init.log_volume
     assert adam_init.preconditioner_eps_relative == 3.0
     scale = _adam_scale(optimizer, model)
-    assert adam_init.preconditioner_eps == pytest.approx(3.0 * float(scale[scale > 0].median()))  # median of sqrt(v_hat) > 0
+    assert adam_init.preconditioner_eps == pytest.approx(
+        3.0 * float(scale[scale > 0].median())
+    )  # median of sqrt(v_hat) > 0
 
 
 def _adam_scale(optimizer, model):
@@ -374,10 +399,17 @@ def test_digits_adam_preconditioner_is_loss_scale_free(digits, prior_kind):
     model, optimizer, data, prior = digits
     prior_std = 1.0 if prior_kind == "standard" else prior
     naive = local_volume(model, data, prior_std=prior_std, num_directions=100, seed=0)
-    base = local_volume(model, data, prior_std=prior_std, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer)
+    base = local_volume(
+        model, data, prior_std=prior_std, num_directions=100, seed=0, preconditioner="adam", optimizer=optimizer
+    )
     for scale in (0.01, 10.0, 1000.0):
         est = local_volume(
-            model, data, prior_std=prior_std, num_directions=100, seed=0, preconditioner="adam",
+            model,
+            data,
+            prior_std=prior_std,
+            num_directions=100,
+            seed=0,
+            preconditioner="adam",
             optimizer=_scaled_adam(model, optimizer, scale),
         )
         assert abs(est.log_volume - base.log_volume) < 10.0, scale
@@ -542,7 +574,9 @@ def _run_ranks(model, optimizer, shards, **kwargs):
             replica = copy.deepcopy(model)
             opt = torch.optim.Adam(replica.parameters())
             opt.load_state_dict(optimizer.state_dict())
-            results[rank] = local_volume(replica, shards[rank], all_reduce=group.all_reduce(rank), optimizer=opt, **kwargs)
+            results[rank] = local_volume(
+                replica, shards[rank], all_reduce=group.all_reduce(rank), optimizer=opt, **kwargs
+            )
         except BaseException as err:  # noqa: BLE001
             errors.append(err)
             group.barrier.abort()
@@ -806,12 +840,22 @@ def test_ggn_diagonal_matches_the_exact_hessian_diagonal(cost):
     with torch.no_grad():
         model.norm.weight.add_(0.3 * torch.randn(3, dtype=torch.float64))  # no symmetric LayerNorm
     gen = torch.Generator().manual_seed(4)
-    data = [(torch.randn(6, 5, 3, generator=gen, dtype=torch.float64), torch.rand(6, 5, generator=gen) > 0.3) for _ in range(2)]
+    data = [
+        (torch.randn(6, 5, 3, generator=gen, dtype=torch.float64), torch.rand(6, 5, generator=gen) > 0.3)
+        for _ in range(2)
+    ]
     mask_fn = lambda batch: batch[1]
     params = list(model.parameters())
     evaluator = CostEvaluator(
-        model, data, cost=cost, output_fn=default_output_fn, batch_loss=None, mask_fn=mask_fn,
-        batch_size_fn=lambda b: float(len(b[0])), names=[n for n, _ in model.named_parameters()], params=params,
+        model,
+        data,
+        cost=cost,
+        output_fn=default_output_fn,
+        batch_loss=None,
+        mask_fn=mask_fn,
+        batch_size_fn=lambda b: float(len(b[0])),
+        names=[n for n, _ in model.named_parameters()],
+        params=params,
         all_reduce=None,
     )
     diag, rows = ggn_diagonal(evaluator)
@@ -968,13 +1012,17 @@ def test_mixed_adam_and_sgd_uses_the_median_scale_with_a_warning(digits):
     params = list(model.parameters())
     sgd = torch.optim.SGD(params[2:], lr=0.1)
     with pytest.warns(UserWarning, match=r"\['2.weight', '2.bias'\].*non-Adam.*median"):
-        est = local_volume(model, data, optimizer=[body, sgd], prior_std=prior, num_directions=10, seed=0, preconditioner="adam")
+        est = local_volume(
+            model, data, optimizer=[body, sgd], prior_std=prior, num_directions=10, seed=0, preconditioner="adam"
+        )
     assert math.isfinite(est.log_volume)
     # The rule, checked on the preconditioner itself: the head gets the median of the body's scale.
     by_hand = _adam_scale(optimizer, model)[: params[0].numel() + params[1].numel()]
     median = float(by_hand[by_hand > 0].median())
     eps = 3.0 * median
-    log_p = -torch.log(torch.cat([by_hand, torch.full((params[2].numel() + params[3].numel(),), median, dtype=torch.float64)]) + eps)
+    log_p = -torch.log(
+        torch.cat([by_hand, torch.full((params[2].numel() + params[3].numel(),), median, dtype=torch.float64)]) + eps
+    )
     reference = local_volume(model, data, preconditioner=torch.exp(log_p), prior_std=prior, num_directions=10, seed=0)
     assert est.log_volume == pytest.approx(reference.log_volume, abs=1e-3)
 

@@ -82,7 +82,13 @@ def valid_target_count(batch: Any) -> float:
 # Base callback
 # --------------------------------------------------------------------------------------------
 
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy", "XLAFSDPStrategy")
+_UNSUPPORTED_STRATEGIES = (
+    "FSDPStrategy",
+    "DeepSpeedStrategy",
+    "ModelParallelStrategy",
+    "XLAStrategy",
+    "XLAFSDPStrategy",
+)
 
 
 def _check_fraction(value: float) -> float:

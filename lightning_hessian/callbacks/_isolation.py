@@ -25,6 +25,7 @@ __all__ = [
     "preserved_generators",
 ]
 
+
 @contextlib.contextmanager
 def isolated_training_state(pl_module: torch.nn.Module, optimizers: Sequence[Any] = ()) -> Iterator[None]:
     """Everything the training run could observe is restored on exit.
@@ -57,7 +58,20 @@ def isolated_training_state(pl_module: torch.nn.Module, optimizers: Sequence[Any
 
 _MAX_SCAN_DEPTH = 8
 _MAX_SCAN_CONTAINER = 256
-_LEAF_TYPES = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.Tensor, np.ndarray, type, types.ModuleType)
+_LEAF_TYPES = (
+    str,
+    bytes,
+    bytearray,
+    int,
+    float,
+    complex,
+    bool,
+    type(None),
+    torch.Tensor,
+    np.ndarray,
+    type,
+    types.ModuleType,
+)
 
 
 _MASK64 = (1 << 64) - 1

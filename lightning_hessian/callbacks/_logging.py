@@ -55,7 +55,9 @@ class Histogram:
 
     def __post_init__(self) -> None:
         if len(self.edges) != len(self.counts) + 1:
-            raise ValueError(f"A histogram needs len(edges) == len(counts) + 1, got {len(self.edges)} and {len(self.counts)}.")
+            raise ValueError(
+                f"A histogram needs len(edges) == len(counts) + 1, got {len(self.edges)} and {len(self.counts)}."
+            )
 
     @classmethod
     def of_samples(cls, values: Tensor, bins: int = 64) -> Histogram:
@@ -206,7 +208,9 @@ class ArtifactPublisher:
                 _mlflow(logger, histograms, made, step, epoch)
 
 
-def _tensorboard(logger: TensorBoardLogger, histograms: Mapping[str, Histogram], figures: Mapping[str, Any], step: int) -> None:
+def _tensorboard(
+    logger: TensorBoardLogger, histograms: Mapping[str, Histogram], figures: Mapping[str, Any], step: int
+) -> None:
     experiment = logger.experiment
     for tag, hist in histograms.items():
         if hist.raw is not None:

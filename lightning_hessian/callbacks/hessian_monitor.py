@@ -279,7 +279,9 @@ class HessianMonitor(CurvatureCallback):
             )
         self.lanczos_basis = lanczos_basis
         if negative_threshold is not None and (
-            isinstance(negative_threshold, bool) or not isinstance(negative_threshold, (int, float)) or not negative_threshold >= 0
+            isinstance(negative_threshold, bool)
+            or not isinstance(negative_threshold, (int, float))
+            or not negative_threshold >= 0
         ):
             raise ValueError(f"`negative_threshold` must be a number >= 0 or None, got {negative_threshold!r}.")
         self.negative_threshold = None if negative_threshold is None else float(negative_threshold)
@@ -372,7 +374,9 @@ class HessianMonitor(CurvatureCallback):
 
     # ------------------------------------------------------------------ computation
 
-    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], SpectralDensity | None]:
+    def _compute(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[dict[str, float], SpectralDensity | None]:
         start = self._timer()
         data = self._analysis_data(trainer)
         op = self._operator(pl_module, data, self._all_reduce(trainer))
@@ -527,4 +531,3 @@ class HessianMonitor(CurvatureCallback):
         self._load_schedule_state(state_dict)
         if self.hvp_backend == "auto":  # a resumed run keeps the paths it measured
             self.backend_choices = {int(k): str(v) for k, v in state_dict.get("backend_choices", {}).items()}
-

@@ -275,7 +275,9 @@ class LocalVolumeMonitor(CurvatureCallback):
         if data not in ("train", "val"):
             raise ValueError(f"`data` must be 'train' or 'val', got {data!r}.")
         if data == "val" and (dataset is not None or dataloader is not None):
-            raise ValueError("`data='val'` reads the trainer's validation set; do not also pass `dataset`/`dataloader`.")
+            raise ValueError(
+                "`data='val'` reads the trainer's validation set; do not also pass `dataset`/`dataloader`."
+            )
         self.data = data
         self.cost = cost
         self.output_fn = output_fn
@@ -290,11 +292,15 @@ class LocalVolumeMonitor(CurvatureCallback):
                 f"or None, got {preconditioner!r}."
             )
         self.preconditioner: str | None = None if preconditioner == "none" else preconditioner
-        if preconditioner_eps is not None and preconditioner_eps != "auto" and (
-            isinstance(preconditioner_eps, bool)
-            or not isinstance(preconditioner_eps, (int, float))
-            or not math.isfinite(preconditioner_eps)
-            or preconditioner_eps < 0
+        if (
+            preconditioner_eps is not None
+            and preconditioner_eps != "auto"
+            and (
+                isinstance(preconditioner_eps, bool)
+                or not isinstance(preconditioner_eps, (int, float))
+                or not math.isfinite(preconditioner_eps)
+                or preconditioner_eps < 0
+            )
         ):
             raise ValueError(
                 f"`preconditioner_eps` must be a finite float >= 0 (a fraction of the median scale), 'auto' "
@@ -328,7 +334,9 @@ class LocalVolumeMonitor(CurvatureCallback):
     def _check_prior_std(prior_std: Any) -> float | dict[str, float] | str:
         if isinstance(prior_std, str):
             if prior_std != "init":
-                raise ValueError(f"`prior_std` must be 'init', a positive float or a mapping name -> float, got {prior_std!r}.")
+                raise ValueError(
+                    f"`prior_std` must be 'init', a positive float or a mapping name -> float, got {prior_std!r}."
+                )
             return prior_std
         if isinstance(prior_std, Mapping):
             checked: dict[str, float] = {}
@@ -490,7 +498,9 @@ class LocalVolumeMonitor(CurvatureCallback):
     def _prior(self) -> float | dict[str, float]:
         if self.prior_std == "init":
             if self.init_prior is None:
-                raise RuntimeError("LocalVolumeMonitor: the 'init' prior was never snapshotted (on_fit_start did not run).")
+                raise RuntimeError(
+                    "LocalVolumeMonitor: the 'init' prior was never snapshotted (on_fit_start did not run)."
+                )
             return self.init_prior
         return self.prior_std  # type: ignore[return-value]
 

@@ -146,7 +146,9 @@ class NoisyInputAccuracy(Callback):
         for arg, fn in (("input_fn", input_fn), ("target_fn", target_fn), ("forward_fn", forward_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"`{arg}` must be callable, got {type(fn).__name__}.")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
             raise ValueError(f"`num_classes` must be an integer >= 2 or None, got {num_classes!r}.")
         if not isinstance(name, str) or not name:
             raise ValueError(f"`name` must be a non-empty string, got {name!r}.")
@@ -236,7 +238,9 @@ class NoisyInputAccuracy(Callback):
 
     def _new_metric(self, num_classes: int, device: torch.device) -> MulticlassAccuracy:
         with torch.inference_mode(False):  # normal state tensors, whichever loop creates them
-            return MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=self.ignore_index).to(device)
+            return MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=self.ignore_index).to(
+                device
+            )
 
     @staticmethod
     def _flatten(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -261,7 +265,9 @@ class NoisyInputAccuracy(Callback):
 
     # ------------------------------------------------------------------ per batch / per epoch
 
-    def _on_batch_end(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dl_idx: int) -> None:
+    def _on_batch_end(
+        self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dl_idx: int
+    ) -> None:
         if stage not in self.stages or trainer.sanity_checking:
             return
         if self.dataloader_idx is not None and dl_idx != self.dataloader_idx:
@@ -278,7 +284,9 @@ class NoisyInputAccuracy(Callback):
         if key not in self._metrics:
             num_classes = self.num_classes if self.num_classes is not None else int(logits.shape[-1])
             if num_classes < 2:
-                raise ValueError(f"NoisyInputAccuracy: cannot infer `num_classes` from logits of shape {tuple(logits.shape)}.")
+                raise ValueError(
+                    f"NoisyInputAccuracy: cannot infer `num_classes` from logits of shape {tuple(logits.shape)}."
+                )
             self._metrics[key] = {"noisy": self._new_metric(num_classes, logits.device)}
             if self.also_clean:
                 self._metrics[key]["clean"] = self._new_metric(num_classes, logits.device)

@@ -17,5 +17,13 @@ from lightning_hessian.operators.preconditioned import PreconditionedOperator, p
 
 __all__ = [
     "derivative_friendly_attention",
-    "CurvatureOperator", "GGNOperator", "HessianOperator", "MatrixOperator", "PreconditionedOperator",
-    "parameter_blocks", "preconditioned_operator", "preserved_model_state", "restricted_operator"]
+    "CurvatureOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "MatrixOperator",
+    "PreconditionedOperator",
+    "parameter_blocks",
+    "preconditioned_operator",
+    "preserved_model_state",
+    "restricted_operator",
+]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 LossFn = Callable[[Any, Any], Tensor]
 BatchLossFn = Callable[[nn.Module, Any], Tensor]
 
+
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         if batch.is_inference():

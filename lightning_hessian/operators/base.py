@@ -15,6 +15,7 @@ from torch import Tensor
 
 __all__ = ["CurvatureOperator", "MatrixOperator"]
 
+
 @runtime_checkable
 class CurvatureOperator(Protocol):
     """What an estimator needs: a symmetric linear map on ``R^num_params``.

@@ -61,9 +61,7 @@ def split_batch(batch: Any, at: int) -> tuple[Any, Any]:
 
 
 @torch.no_grad()
-def detect_loss_reduction(
-    loss_of_batch: Callable[[Any], Tensor], batch: Any, *, rtol: float = 1e-3
-) -> LossReduction:
+def detect_loss_reduction(loss_of_batch: Callable[[Any], Tensor], batch: Any, *, rtol: float = 1e-3) -> LossReduction:
     """Whether ``loss_of_batch`` averages or sums over the samples of ``batch`` (a dry run).
 
     Three forward passes (the batch and its two halves), no gradient. ``"unknown"`` when the

@@ -12,7 +12,16 @@ from torch import Tensor, nn
 from lightning_hessian.volume.cost import CostFn, default_output_fn
 from lightning_hessian.volume.preconditioner import PRECONDITIONER_NAMES
 
-__all__ = ["CostFn", "CostName", "Measure", "PreconditionerName", "PriorStd", "VolumeConfig", "check_positive_float", "validate"]
+__all__ = [
+    "CostFn",
+    "CostName",
+    "Measure",
+    "PreconditionerName",
+    "PriorStd",
+    "VolumeConfig",
+    "check_positive_float",
+    "validate",
+]
 
 CostName = Literal["kl", "gaussian", "loss"]
 PreconditionerName = Literal["adam", "adam_exp_avg", "hessian_diag", "hessian_diag_hutchinson"]

@@ -313,8 +313,11 @@ def local_volume(
     log_s = log_prior_std(prior_std, names, params) if config.measure == "gaussian" else None
     base_seed, aux_generator = direction_seeds(seed, all_reduce, device)
 
-    with preserved_model_state(model), derivative_friendly_attention(), torch.no_grad(), torch.autocast(
-        device_type=device.type, enabled=False
+    with (
+        preserved_model_state(model),
+        derivative_friendly_attention(),
+        torch.no_grad(),
+        torch.autocast(device_type=device.type, enabled=False),
     ):
         model.eval()
         evaluator = _cost_evaluator(model, config, mask_fn, batch_size_fn, names, params, all_reduce)
@@ -415,7 +418,12 @@ def _candidates(
 
 
 def _setup(
-    config: VolumeConfig, evaluator: CostEvaluator, theta: Tensor, names: list[str], log_s: Tensor | None, base_seed: int
+    config: VolumeConfig,
+    evaluator: CostEvaluator,
+    theta: Tensor,
+    names: list[str],
+    log_s: Tensor | None,
+    base_seed: int,
 ) -> _Setup:
     theta_norm = float(theta.norm())
     n = theta.numel()

@@ -18,7 +18,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_log_contributions", "lebesgue_log_contributions", "log_radial_gaussian_integral", "log_sphere_area"]
+__all__ = [
+    "gaussian_log_contributions",
+    "lebesgue_log_contributions",
+    "log_radial_gaussian_integral",
+    "log_sphere_area",
+]
+
 
 def log_sphere_area(n: int) -> float:
     r""":math:`\log|S^{n-1}| = \log 2 + \tfrac n2 \log\pi - \log\Gamma(\tfrac n2)`."""
@@ -113,5 +119,3 @@ def gaussian_log_contributions(
     """
     const = log_sphere_area(n) - 0.5 * n * math.log(2.0 * math.pi) - sum_log_prior_std - 0.5 * anchor_quadratic
     return const + log_radial_gaussian_integral(a, b, n, torch.exp(log_radii)) - n * log_direction_norms
-
-

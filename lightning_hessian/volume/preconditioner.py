@@ -169,7 +169,9 @@ def _adam_moment_scale(
         moment = _moment(kind, state, i, info.optimizer.state.get(p, {})) if is_adam else None
         if is_adam and moment is None:
             missing.append(name)
-        blocks.append(None if moment is None else moment.to(device=p.device, dtype=torch.float64).abs().pow(exponent).reshape(-1))
+        blocks.append(
+            None if moment is None else moment.to(device=p.device, dtype=torch.float64).abs().pow(exponent).reshape(-1)
+        )
         floors.append(state.eps[i] if moment is not None and math.isfinite(state.eps[i]) else 0.0)
     if missing:
         key = "exp_avg_sq" if kind == "adam" else "exp_avg"
@@ -200,9 +202,14 @@ def _adam_moment_scale(
             stacklevel=4,
         )
     scale = torch.cat(
-        [b if b is not None else torch.full((p.numel(),), median, dtype=torch.float64, device=p.device) for b, p in zip(blocks, params)]
+        [
+            b if b is not None else torch.full((p.numel(),), median, dtype=torch.float64, device=p.device)
+            for b, p in zip(blocks, params)
+        ]
     )
-    floor = torch.cat([torch.full((p.numel(),), f, dtype=torch.float64, device=p.device) for f, p in zip(floors, params)])
+    floor = torch.cat(
+        [torch.full((p.numel(),), f, dtype=torch.float64, device=p.device) for f, p in zip(floors, params)]
+    )
     return PreconditionerScale(kind, scale, floor)
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 __all__ = ["flat_from_mapping", "init_prior_std", "log_prior_std"]
 
+
 def init_prior_std(model: nn.Module, *, fallback: float = 1.0) -> dict[str, float]:
     r"""Per-tensor standard deviation of the (freshly initialised) parameters, for the prior.
 
@@ -80,7 +81,6 @@ def init_prior_std(model: nn.Module, *, fallback: float = 1.0) -> dict[str, floa
     return result
 
 
-
 def flat_from_mapping(value: Mapping[str, Any], names: list[str], params: list[Tensor], what: str) -> Tensor:
     """Flatten ``{name: float or tensor broadcastable to the parameter}`` to float64 ``[n]``."""
     missing = [n for n in names if n not in value]
@@ -128,4 +128,3 @@ def log_prior_std(prior_std: Any, names: list[str], params: list[Tensor]) -> Ten
     if not (torch.isfinite(s).all() and (s > 0).all()):
         raise ValueError("`prior_std` must be strictly positive and finite for every parameter.")
     return torch.log(s)
-
