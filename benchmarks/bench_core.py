@@ -59,11 +59,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+# `_common` puts the repository root on sys.path; it must be imported before `tests.helpers`.
+from _common import cached_exact_eigenvalues, interleaved_times, wasserstein1
 from torch import Tensor, nn
 
-from _common import cached_exact_eigenvalues, interleaved_times, wasserstein1  # noqa: E402  (puts the repo on sys.path)
-from lightning_hessian import HessianOperator, hessian_trace, spectral_density, top_eigenvalues  # noqa: E402
-from tests.helpers import analysis_batches, exact_hessian, small_cnn, train, trained_digits_mlp  # noqa: E402
+from lightning_hessian import HessianOperator, hessian_trace, spectral_density, top_eigenvalues
+from tests.helpers import analysis_batches, exact_hessian, small_cnn, train, trained_digits_mlp
 
 HVP_TARGET = 2.0  # amortised HVP <= 2 gradients
 EIG_TARGET_REL, EIG_TARGET_HVPS = 1e-6, 40

@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_hessian.volume import VolumeEstimate, init_prior_std, local_volume  # noqa: E402
+from lightning_hessian.volume import VolumeEstimate, init_prior_std, local_volume
 
 
 def trained_digits_mlp(hidden: tuple[int, ...], steps: int = 300, seed: int = 0):

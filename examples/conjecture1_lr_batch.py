@@ -39,9 +39,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_monitor import DigitsMLP, digits_datasets  # noqa: E402
+from digits_monitor import DigitsMLP, digits_datasets
 
-from lightning_hessian.callbacks import HessianMonitor  # noqa: E402
+from lightning_hessian.callbacks import HessianMonitor
 
 OUTPUTS = Path(__file__).resolve().parent / "outputs"
 

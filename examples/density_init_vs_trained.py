@@ -43,9 +43,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_monitor import digits_datasets  # noqa: E402
+from digits_monitor import digits_datasets
 
-from lightning_hessian import HessianOperator, spectral_density  # noqa: E402
+from lightning_hessian import HessianOperator, spectral_density
 
 OUTPUTS = Path(__file__).resolve().parent / "outputs"
 

@@ -52,9 +52,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_monitor import DigitsMLP, digits_datasets  # noqa: E402
+from digits_monitor import DigitsMLP, digits_datasets
 
-from lightning_hessian.callbacks import LocalVolumeMonitor  # noqa: E402
+from lightning_hessian.callbacks import LocalVolumeMonitor
 
 OUTPUTS = Path(__file__).resolve().parent / "outputs"
 POISON_SIZE = 200

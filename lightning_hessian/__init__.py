@@ -31,13 +31,13 @@ from lightning_hessian.operators import (
     preconditioned_operator,
     preserved_model_state,
 )
+from lightning_hessian.sharp_drop import TraceHistory, TraceSharpDropDetector
 from lightning_hessian.stability import (
     StabilityThreshold,
     adam_preconditioned_threshold,
     sgd_sharpness_threshold,
     stability_threshold,
 )
-from lightning_hessian.sharp_drop import TraceHistory, TraceSharpDropDetector
 from lightning_hessian.trace import TraceEstimate, hessian_trace
 from lightning_hessian.volume import VolumeComputationError, VolumeEstimate, init_prior_std, local_volume
 

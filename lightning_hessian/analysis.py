@@ -204,7 +204,7 @@ def find_run(path: PathLike, format: SourceFormat = "auto") -> tuple[Literal["te
     raise FileNotFoundError(f"No {wanted[format]} under {str(root)!r}.")
 
 
-def _accumulator(path: Path):  # noqa: ANN202 - tensorboard type
+def _accumulator(path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(
@@ -248,7 +248,7 @@ class _EpochLocator:
         return min(candidates, key=lambda c: abs(c[0] - wall))[1]
 
 
-def _epoch_locator(acc) -> _EpochLocator:  # noqa: ANN001
+def _epoch_locator(acc) -> _EpochLocator:
     if "epoch" not in acc.Tags().get("scalars", []):
         return _EpochLocator([])
     return _EpochLocator([(e.wall_time, e.step, e.value) for e in acc.Scalars("epoch")])
@@ -351,7 +351,7 @@ class DensityHistory:
     tag: str = "hessian/eigenvalue_density"
 
     def __len__(self) -> int:
-        return int(len(self.epochs))
+        return len(self.epochs)
 
     def densities(self) -> list[np.ndarray]:
         r"""Density per unit eigenvalue on each grid: :math:`\phi = \text{count}/(\Delta t\cdot n)`."""

@@ -6,14 +6,14 @@ Also imported by ``benchmarks/`` (which put the repository root on ``sys.path``)
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-@lru_cache(maxsize=None)
+@cache
 def digits_tensors() -> tuple[Tensor, Tensor]:
     """scikit-learn's bundled digits (1,797 8x8 images), pixels scaled to [0, 1], float32."""
     from sklearn.datasets import load_digits
@@ -72,7 +72,7 @@ def train(model: nn.Module, steps: int = 300, lr: float = 1e-2, images: bool = F
     return model
 
 
-@lru_cache(maxsize=None)
+@cache
 def trained_digits_mlp() -> nn.Module:
     return train(digits_mlp(0), steps=200)
 

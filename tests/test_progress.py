@@ -26,7 +26,7 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-@pytest.fixture()
+@pytest.fixture
 def records():
     handler = _Records()
     logger = _progress.progress_logger()

@@ -418,7 +418,7 @@ class HessianMonitor(CurvatureCallback):
         return values, sd
 
     def _nan_values(self, seconds: float) -> dict[str, float]:
-        values = {name: math.nan for name in _SCALARS}
+        values = dict.fromkeys(_SCALARS, math.nan)
         values["top_eigenvalue_residual"] = math.nan
         for i in range(1, self.top_k):
             values[f"top_eigenvalue_{i + 1}"] = math.nan

@@ -567,7 +567,7 @@ class LocalVolumeMonitor(CurvatureCallback):
         return values, est
 
     def _nan_values(self, seconds: float) -> dict[str, float]:
-        values = {name: math.nan for name in _SCALARS}
+        values = dict.fromkeys(_SCALARS, math.nan)
         values["num_forward_passes"] = 0.0
         values["seconds"] = seconds
         return values
