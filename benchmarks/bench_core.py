@@ -59,8 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-# `_common` puts the repository root on sys.path; it must be imported before `tests.helpers`.
-from _common import cached_exact_eigenvalues, interleaved_times, wasserstein1
+from _common import cached_exact_eigenvalues, interleaved_times, wasserstein1  # puts the repo root on sys.path
 from torch import Tensor, nn
 
 from lightning_hessian import HessianOperator, hessian_trace, spectral_density, top_eigenvalues
