@@ -205,7 +205,9 @@ def hvp_section(case: Case, rounds: int, profile: bool) -> tuple[float, list[Hvp
             return torch.autograd.grad(mean_loss(model, data), params)
 
     def batch_loss_fn(x: Tensor, y: Tensor) -> Callable[[tuple[Tensor, ...]], Tensor]:
-        return lambda ps: F.cross_entropy(torch.func.functional_call(model, dict(zip(names, ps)), (x,)), y)
+        return lambda ps: F.cross_entropy(
+            torch.func.functional_call(model, dict(zip(names, ps, strict=False)), (x,)), y
+        )
 
     def bare_double_backward() -> object:
         with torch.enable_grad():
@@ -450,7 +452,7 @@ def run_rows(specs: list[tuple[str, Library | None, Callable[[int], Result], str
     """Run every method once per seed, interleaved (all methods for seed 0, then seed 1, ...)."""
     rows = [Row(label, note=note) for label, _, _, note in specs]
     for seed in range(seeds):
-        for row, (_, lib, fn, _) in zip(rows, specs):
+        for row, (_, lib, fn, _) in zip(rows, specs, strict=False):
             if lib is not None and not lib.ok:
                 row.results.append(Result(error=lib.error))
                 continue
@@ -477,7 +479,10 @@ def warm_up(case: Case, libs: dict[str, Library]) -> None:
             (
                 libs["pyhessian"],
                 lambda: base.pyhessian()[0].dataloader_hv_product(
-                    [t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in base.params]), base.params)]
+                    [
+                        t.reshape(p.shape)
+                        for t, p in zip(v.split([p.numel() for p in base.params]), base.params, strict=True)
+                    ]
                 ),
             ),
             (libs["eigenthings"], lambda: base.eigenthings()[0].matvec(v)),
@@ -853,7 +858,7 @@ def main() -> None:
                 )
                 others = [
                     f"{r.label}: W1 {w:.3e} ({w / w_ours:.2f}x ours), t/ours {r.seconds() / ours.seconds():.2f}x"
-                    for r, w in zip(rows[4:], w1s[4:])
+                    for r, w in zip(rows[4:], w1s[4:], strict=True)
                     if r.good()
                 ]
                 if others:

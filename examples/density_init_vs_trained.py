@@ -112,7 +112,7 @@ def plot(results: dict, checkpoints: list[int], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     cmap = plt.get_cmap("viridis")
-    for ax, (name, per_seed) in zip(axes, results.items()):
+    for ax, (name, per_seed) in zip(axes, results.items(), strict=False):
         for i, epoch in enumerate(checkpoints):
             sd = per_seed[0][epoch]["sd"]
             label = "init" if epoch == 0 else f"epoch {epoch}"
@@ -133,7 +133,7 @@ def plot(results: dict, checkpoints: list[int], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
     fig2, axes2 = plt.subplots(1, 2, figsize=(12, 4.2))  # zoom on the negative side near zero
-    for ax, (name, per_seed) in zip(axes2, results.items()):
+    for ax, (name, per_seed) in zip(axes2, results.items(), strict=False):
         for i, epoch in enumerate(checkpoints):
             sd = per_seed[0][epoch]["sd"]
             lo = float(per_seed[0][0]["lmin"]) * 1.2

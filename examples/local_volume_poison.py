@@ -147,7 +147,7 @@ def train(
     )
     trainer.fit(model, loader)
     rows = []
-    for a, n, r in zip(adam.history, naive.history, recorder.rows):
+    for a, n, r in zip(adam.history, naive.history, recorder.rows, strict=False):
         rows.append(
             {
                 **r,
@@ -240,7 +240,7 @@ def main() -> None:
     for seed in range(args.seeds):
         rows = runs[("clean", seed)]
         first, last = rows[0]["log_p"], rows[-1]["log_p"]
-        drops = sum(b["log_p"] < a["log_p"] for a, b in zip(rows, rows[1:]))
+        drops = sum(b["log_p"] < a["log_p"] for a, b in zip(rows, rows[1:], strict=False))
         falls.append(last < first)
         print(
             f"   seed {seed}: log10 P {first / math.log(10):.1f} (epoch 0) -> {last / math.log(10):.1f} (epoch {rows[-1]['epoch']}); "

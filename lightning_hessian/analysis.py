@@ -131,7 +131,9 @@ class MetricsTable:
                 row.append("-" if math.isnan(value) else f"{value:.{precision}g}")
             cells.append(row)
         widths = [max(len(row[j]) for row in cells) for j in range(len(cells[0]))]
-        return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells)
+        return "\n".join(
+            "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=False)) for row in cells
+        )
 
 
 def _csv_cell(value: float) -> str:
@@ -356,7 +358,7 @@ class DensityHistory:
     def densities(self) -> list[np.ndarray]:
         r"""Density per unit eigenvalue on each grid: :math:`\phi = \text{count}/(\Delta t\cdot n)`."""
         out = []
-        for grid, counts, n in zip(self.grids, self.counts, self.num_params):
+        for grid, counts, n in zip(self.grids, self.counts, self.num_params, strict=False):
             spacing = np.gradient(grid) if grid.size > 1 else np.ones_like(grid)
             out.append(counts / (np.where(spacing > 0, spacing, np.inf) * max(float(n), 1.0)))
         return out
@@ -366,7 +368,9 @@ class DensityHistory:
         lo = min(float(g.min()) for g in self.grids)
         hi = max(float(g.max()) for g in self.grids)
         grid = np.linspace(lo, hi, num)
-        matrix = np.stack([np.interp(grid, g, d, left=0.0, right=0.0) for g, d in zip(self.grids, self.densities())])
+        matrix = np.stack(
+            [np.interp(grid, g, d, left=0.0, right=0.0) for g, d in zip(self.grids, self.densities(), strict=False)]
+        )
         return grid, matrix
 
 
@@ -667,10 +671,10 @@ def ols(
     return OLSResult(
         dependent=dependent,
         names=tuple(names),
-        params=dict(zip(names, map(float, beta))),
-        bse=dict(zip(names, map(float, bse))),
-        tvalues=dict(zip(names, map(float, tvalues))),
-        pvalues=dict(zip(names, pvalues)),
+        params=dict(zip(names, map(float, beta), strict=True)),
+        bse=dict(zip(names, map(float, bse), strict=True)),
+        tvalues=dict(zip(names, map(float, tvalues), strict=True)),
+        pvalues=dict(zip(names, pvalues, strict=True)),
         cov_params=cov,
         nobs=n,
         df_model=df_model,
@@ -730,7 +734,9 @@ def regression_table(results: Mapping[str, OLSResult], digits: int = 4, title: s
     for i, row in enumerate(rows):
         if i in separators:
             lines.append(rule)
-        lines.append("  ".join([row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:]))]))
+        lines.append(
+            "  ".join([row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=False))])
+        )
     lines.append(rule)
     lines.append("Note: *** p<0.01; ** p<0.05; * p<0.1. Standard errors in parentheses.")
     return "\n".join(lines)
@@ -767,7 +773,7 @@ def _changes(tables: Sequence[MetricsTable], columns: Sequence[str], scales: Seq
     """Per-run first differences over the rows where every column is finite, pooled over runs."""
     pooled: list[list[np.ndarray]] = [[] for _ in columns]
     for table in tables:
-        values = [table.column(c) * s for c, s in zip(columns, scales)]
+        values = [table.column(c) * s for c, s in zip(columns, scales, strict=True)]
         complete = np.all(np.isfinite(np.stack(values)), axis=0)
         for i, column in enumerate(values):
             pooled[i].append(np.diff(column[complete]))
@@ -846,7 +852,9 @@ def curvature_regressions(
         scales = [accuracy_scale if c in accuracies else 1.0 for c in columns]
         changes = _changes(table_list, columns, scales)
         try:
-            results[key] = ols(changes[0], {f"Δ {c}": v for c, v in zip(regs, changes[1:])}, dependent=f"Δ {dep}")
+            results[key] = ols(
+                changes[0], {f"Δ {c}": v for c, v in zip(regs, changes[1:], strict=True)}, dependent=f"Δ {dep}"
+            )
         except ValueError as err:
             skipped[key] = str(err)
     if skipped and warn:

@@ -94,7 +94,7 @@ def _plot_curves(table: MetricsTable, prefix: str, path: Path, dpi: int) -> Path
         return None
     drop = _sharp_drop_epoch(table, prefix)
     fig = _new_figure(10, 3.2 * math.ceil(len(panels) / 2))
-    for ax, (title, names) in zip(_grid(fig, len(panels), 2), panels):
+    for ax, (title, names) in zip(_grid(fig, len(panels), 2), panels, strict=False):
         for name in names:
             epochs, values = _finite(table, name)
             ax.plot(epochs, values, marker="o", ms=3, label=name.removeprefix(prefix))
@@ -122,7 +122,7 @@ def _plot_volume(table: MetricsTable, prefix: str, path: Path, dpi: int) -> Path
         return None
     columns = min(3, len(names))
     fig = _new_figure(4 * columns, 3 * math.ceil(len(names) / columns))
-    for ax, name in zip(_grid(fig, len(names), columns), names):
+    for ax, name in zip(_grid(fig, len(names), columns), names, strict=False):
         epochs, values = _finite(table, name)
         ax.plot(epochs, values, marker="o", ms=3)
         if name == f"{prefix}log_radius_mean" and f"{prefix}log_radius_std" in table:
@@ -201,7 +201,7 @@ def _plot_density(history: DensityHistory, path: Path, dpi: int) -> Path:
     shown = np.unique(np.linspace(0, len(history) - 1, min(len(history), _MAX_DENSITY_LINES)).round().astype(int))
     norm = Normalize(vmin=float(epochs.min()), vmax=float(max(epochs.max(), epochs.min() + 1)))
     colours = cm.viridis
-    for i, (g, d) in enumerate(zip(history.grids, history.densities())):
+    for i, (g, d) in enumerate(zip(history.grids, history.densities(), strict=False)):
         if i in shown:
             lines.semilogy(
                 g, np.clip(d, floor, None), color=colours(norm(epochs[i])), lw=1.2, label=f"epoch {int(epochs[i])}"

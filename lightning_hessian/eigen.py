@@ -295,7 +295,7 @@ def _top_power(
         hv = op.matmat(v.unsqueeze(1)).squeeze(1).to(torch.float64)
         hvps += 1
         w = hv - shift * v
-        for lam, vec in zip(values, vectors):
+        for lam, vec in zip(values, vectors, strict=False):
             w = w - (lam - shift) * vec * torch.dot(vec, v)
         for vec in vectors:  # P (H - shift I - deflation) P: the found pairs' own errors drop out
             w = w - vec * torch.dot(vec, w)

@@ -127,7 +127,7 @@ class AdamState:
     @property
     def missing(self) -> list[str]:
         """Names of the parameters without a second-moment buffer."""
-        return [n for n, v in zip(self.names, self.second_moments) if v is None]
+        return [n for n, v in zip(self.names, self.second_moments, strict=False) if v is None]
 
     @property
     def complete(self) -> bool:
@@ -171,7 +171,7 @@ def adam_state(
     owners = param_groups(params, optimizers)
     out = AdamState(names, [], [], [], [], [], [], [], [])
     nan = float("nan")
-    for p, info in zip(params, owners):
+    for p, info in zip(params, owners, strict=True):
         v: Tensor | None = None
         eps = beta1 = beta2 = lr = nan
         steps, index, opt_name = 0, -1, ""

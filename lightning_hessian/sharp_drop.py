@@ -309,7 +309,7 @@ class TraceSharpDropDetector:
         flagged = bool(state["flagged"])
         results = {key: state[key] for key in self._RESULT_KEYS}
         self.reset()
-        for epoch, trace, stderr in zip(epochs, traces, stderrs):
+        for epoch, trace, stderr in zip(epochs, traces, stderrs, strict=True):
             self._record(epoch, trace, stderr)
         self.flagged = flagged
         for key, value in results.items():

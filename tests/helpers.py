@@ -94,7 +94,7 @@ def exact_hessian(model: nn.Module, batches, train_mode_batchnorm: bool = False)
 
     def loss(flat: Tensor) -> Tensor:
         params, offset = {}, 0
-        for name, shape in zip(names, shapes):
+        for name, shape in zip(names, shapes, strict=True):
             size = shape.numel()
             params[name] = flat[offset : offset + size].view(shape)
             offset += size

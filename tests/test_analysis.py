@@ -153,7 +153,7 @@ def test_incomplete_beta_matches_scipy_and_mpmath():
     mpmath = pytest.importorskip("mpmath")
     mpmath.mp.dps = 40
     rng = np.random.default_rng(0)
-    for a, b, x in zip(rng.uniform(0.1, 800, 60), rng.uniform(0.1, 50, 60), rng.uniform(0, 1, 60)):
+    for a, b, x in zip(rng.uniform(0.1, 800, 60), rng.uniform(0.1, 50, 60), rng.uniform(0, 1, 60), strict=True):
         exact = float(mpmath.betainc(a, b, 0, x, regularized=True))
         assert _betainc(a, b, x) == pytest.approx(exact, rel=1e-11, abs=1e-300)
         if exact > 1e-200:  # SciPy loses accuracy deep in the tail
@@ -425,7 +425,7 @@ def test_load_density_from_raw_histograms(tmp_path: Path):
     history = load_density(tmp_path)
     np.testing.assert_array_equal(history.epochs, [0, 1, 2])
     np.testing.assert_array_equal(history.num_params, [n, n, n])
-    for epoch, (g, d) in enumerate(zip(history.grids, history.densities())):
+    for epoch, (g, d) in enumerate(zip(history.grids, history.densities(), strict=False)):
         np.testing.assert_allclose(g, grid, rtol=1e-6)
         assert g[np.argmax(d)] == pytest.approx(epoch, abs=0.1)
         assert float(d.sum() * (g[1] - g[0])) == pytest.approx(1.0, rel=1e-3)

@@ -149,7 +149,7 @@ def test_read_is_seeded_isolated_and_kept():
     torch.manual_seed(99)  # a different global state at the time of the read
     again = AnalysisSet(0.1, seed=5, batch_size=8, max_samples=None).materialize(dataset, None, 0, 1)
     assert len(batches) == len(again) == 4 and first.num_samples == 30
-    for (x1, y1), (x2, y2) in zip(batches, again):
+    for (x1, y1), (x2, y2) in zip(batches, again, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     clean = torch.cat([dataset.x[i] for i in first.indices]).reshape(-1, 64)
     assert not torch.allclose(torch.cat([b[0] for b in batches]), clean)  # augmentation did run
@@ -203,7 +203,7 @@ def test_dataset_generators_reseeded_per_sample_and_restored(cls):
     a = AnalysisSet(0.1, 1, 16, None).materialize(dataset, None, 0, 1)
     assert torch.equal(dataset[0][0], expected_next)  # the read left the generator where it was
     b = AnalysisSet(0.1, 1, 16, None).materialize(dataset, None, 0, 1)  # generator has moved on
-    for (x1, _), (x2, _) in zip(a, b):
+    for (x1, _), (x2, _) in zip(a, b, strict=True):
         assert torch.equal(x1, x2)
 
 
@@ -214,7 +214,7 @@ def test_stream_read_once_and_identical_for_a_seeded_stream():
     torch.manual_seed(2)
     b = AnalysisSet(1.0, 4, 10, max_samples=25).materialize(stream, None, 0, 1)
     assert [len(batch[1]) for batch in a] == [10, 10, 5]
-    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b, strict=True))
     assert torch.equal(torch.cat([y for _, y in a]), stream.y[:25])  # the stream's first samples
 
 
@@ -233,7 +233,7 @@ def test_explicit_loader_read_once_with_seeded_rngs_and_its_generator_restored()
     torch.manual_seed(5)
     b = AnalysisSet(1.0, 2, 16, None).materialize(None, None, 0, 1, explicit_loader=loader)
     assert [len(y) for _, y in a] == [16, 16, 8]
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b, strict=True))
     shard = AnalysisSet(1.0, 2, 16, None).materialize(None, None, 1, 2, explicit_loader=loader)
     assert len(shard) == 1 and torch.equal(shard[0][0], a[1][0])  # batch i goes to rank i % world
 
@@ -244,7 +244,7 @@ def test_batches_kept_on_the_gpu_when_they_fit():
     batches = AnalysisSet(0.1, 0, 8, None).materialize(GlobalRngAugmented(), None, 0, 1, device=device)
     assert all(x.device == device and y.device == device for x, y in batches)
     host = AnalysisSet(0.1, 0, 8, None).materialize(GlobalRngAugmented(), None, 0, 1)
-    assert all(torch.equal(x.cpu(), xh) for (x, _), (xh, _) in zip(batches, host))
+    assert all(torch.equal(x.cpu(), xh) for (x, _), (xh, _) in zip(batches, host, strict=True))
 
 
 def test_budget_error_names_the_fix():
@@ -297,11 +297,11 @@ def test_resumed_run_logs_the_uninterrupted_values(tmp_path: Path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     full = run(4, checkpoint=checkpoint)
     resumed = run(4, ckpt_path=str(tmp_path / "epoch=1.ckpt"))
-    for uninterrupted, restarted in zip(full, resumed):
+    for uninterrupted, restarted in zip(full, resumed, strict=False):
         assert len(uninterrupted.history) == len(restarted.history) == 4
         tail_a, tail_b = _values(uninterrupted.history[2:]), _values(restarted.history[2:])
         assert tail_a[0] != _values(uninterrupted.history[:1])[0]  # the weights did move
-        for row_a, row_b in zip(tail_a, tail_b):
+        for row_a, row_b in zip(tail_a, tail_b, strict=False):
             assert all(_same(row_a[k], row_b[k]) for k in row_a), (row_a, row_b)
 
 
@@ -321,7 +321,7 @@ def test_generator_holding_dataset_bit_identical_training(cls, num_workers):
         _trainer([*monitors, weights], max_epochs=3).fit(DigitsModule(hidden=8), loader)
         return weights.weights
 
-    for a, b in zip(fit(True), fit(False)):
+    for a, b in zip(fit(True), fit(False), strict=True):
         assert torch.equal(a, b)
 
 
@@ -335,7 +335,7 @@ def test_moving_stream_bit_identical_training():
         )
         return weights.weights
 
-    for a, b in zip(fit(True), fit(False)):
+    for a, b in zip(fit(True), fit(False), strict=True):
         assert torch.equal(a, b)
 
 

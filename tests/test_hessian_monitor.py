@@ -115,7 +115,7 @@ def test_bit_identical_training(optimizer):
     t1 = _fit(with_cb, monitor, max_epochs=3)
     t2 = _fit(without_cb, None, max_epochs=3)
     assert len(monitor.history) == 3
-    for a, b in zip(_weights(with_cb), _weights(without_cb)):
+    for a, b in zip(_weights(with_cb), _weights(without_cb), strict=True):
         assert torch.equal(a, b)
     opt1, opt2 = t1.optimizers[0].state_dict(), t2.optimizers[0].state_dict()
     for key in opt1["state"]:
@@ -129,7 +129,7 @@ def test_train_mode_batchnorm_leaves_running_stats():
     with_cb, without_cb = copy.deepcopy(base), copy.deepcopy(base)
     _fit(with_cb, HessianMonitor(num_runs=2, num_steps=8, train_mode_batchnorm=True), max_epochs=2)
     _fit(without_cb, None, max_epochs=2)
-    for a, b in zip(_weights(with_cb), _weights(without_cb)):
+    for a, b in zip(_weights(with_cb), _weights(without_cb), strict=True):
         assert torch.equal(a, b)
 
 
@@ -147,7 +147,7 @@ def test_resume_keeps_indices_and_history(tmp_path: Path):
     trainer.fit(DigitsModule(hidden=8), digits_loader(limit=400), ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed.analysis.indices == indices
     assert len(resumed.history) == 4
-    for restored, original in zip(resumed.history[:2], history):
+    for restored, original in zip(resumed.history[:2], history, strict=False):
         assert restored.keys() == original.keys()
         for key, value in original.items():
             assert restored[key] == value or (math.isnan(value) and math.isnan(restored[key])), key

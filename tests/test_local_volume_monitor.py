@@ -124,7 +124,7 @@ def test_bit_identical_training():
     t1 = _fit(with_cb, monitor, max_epochs=2)
     t2 = _fit(without_cb, None, max_epochs=2)
     assert len(monitor.history) == 2 and math.isfinite(monitor.history[-1]["log_volume"])
-    for a, b in zip(_state(with_cb), _state(without_cb)):
+    for a, b in zip(_state(with_cb), _state(without_cb), strict=True):
         assert torch.equal(a, b)
     opt1, opt2 = t1.optimizers[0].state_dict(), t2.optimizers[0].state_dict()
     assert opt1["state"].keys() == opt2["state"].keys() and opt1["state"]
@@ -158,7 +158,7 @@ def test_resume_restores_history_indices_and_init_prior(tmp_path: Path):
     assert resumed.analysis.indices == indices
     assert resumed.init_prior == initial_prior  # not re-snapshotted from the restored weights
     assert [int(r["epoch"]) for r in resumed.history] == [0, 1, 2]
-    for restored, original in zip(resumed.history[:2], history):
+    for restored, original in zip(resumed.history[:2], history, strict=False):
         assert restored == original
     assert math.isfinite(resumed.history[2]["log_volume"])
 
@@ -370,7 +370,7 @@ def test_two_optimizer_manual_optimization_equals_the_single_optimizer_run():
     torch.manual_seed(0)
     _fit(_ManualModule(two_optimizers=False), one, max_epochs=2)
     assert len(two.history) == len(one.history) == 2
-    for a, b in zip(two.history, one.history):
+    for a, b in zip(two.history, one.history, strict=False):
         assert math.isfinite(a["log_volume"])
         # Two Adams over disjoint parameters step exactly like one: same weights, same exp_avg_sq.
         assert a["log_volume"] == pytest.approx(b["log_volume"], rel=1e-9)

@@ -106,7 +106,7 @@ def test_training_is_bit_identical_with_and_without_callback():
     reference, _ = _fit([])
     callback = NoisyInputAccuracy(also_clean=True)
     with_callback, trainer = _fit([callback])
-    for p, q in zip(reference.parameters(), with_callback.parameters()):
+    for p, q in zip(reference.parameters(), with_callback.parameters(), strict=True):
         assert torch.equal(p, q)
     assert "ood/acc" in trainer.callback_metrics and "val/clean_acc" in trainer.callback_metrics
     assert trainer.callback_metrics["val/clean_acc"] == pytest.approx(
@@ -114,7 +114,7 @@ def test_training_is_bit_identical_with_and_without_callback():
     )
     # the comparison is sensitive: one global draw per validation batch changes the weights
     perturbed, _ = _fit([_ConsumesGlobalRNG()])
-    assert any(not torch.equal(p, q) for p, q in zip(reference.parameters(), perturbed.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(reference.parameters(), perturbed.parameters(), strict=True))
 
 
 def test_sanity_check_is_skipped():

@@ -394,7 +394,7 @@ def _snapshot(model: nn.Module):
 def _assert_unchanged(model: nn.Module, snap) -> None:
     params = list(model.named_parameters())
     assert [n for n, _ in params] == [s[0] for s in snap["params"]]
-    for (name, p), (_, p0, bits, flag, grad, grad_bits) in zip(params, snap["params"]):
+    for (name, p), (_, p0, bits, flag, grad, grad_bits) in zip(params, snap["params"], strict=True):
         assert p is p0, name
         assert torch.equal(_bits(p), bits), f"parameter {name} changed"
         assert p.requires_grad == flag, f"requires_grad of {name} changed"
@@ -404,7 +404,7 @@ def _assert_unchanged(model: nn.Module, snap) -> None:
             assert p.grad is grad and torch.equal(_bits(p.grad), grad_bits), f".grad of {name} changed"
     buffers = list(model.named_buffers())
     assert [n for n, _ in buffers] == [s[0] for s in snap["buffers"]]
-    for (name, b), (_, b0, bits) in zip(buffers, snap["buffers"]):
+    for (name, b), (_, b0, bits) in zip(buffers, snap["buffers"], strict=True):
         assert b is b0 and torch.equal(_bits(b), bits), f"buffer {name} changed"
     assert [(n, m.training) for n, m in model.named_modules()] == snap["training"]
     assert torch.equal(torch.get_rng_state(), snap["rng"]), "global RNG state changed"
@@ -630,7 +630,7 @@ def test_compute_dtype_float64_removes_the_float32_floor(mlp_truth, backend):
     top = mlp_truth.eigvals[-1]
     assert result.num_hvps <= 40
     assert abs(float(result.values[0]) - float(top)) / float(top) <= 1e-6
-    for a, b in zip(before, model.parameters()):
+    for a, b in zip(before, model.parameters(), strict=True):
         assert b.dtype == torch.float32 and torch.equal(a, b)
 
 

@@ -31,7 +31,7 @@ def test_adam_state_bias_correction_and_owners(adam_cls: type, bias_corrected: b
     before = [t.clone() for s in opt_body.state.values() for t in s.values() if torch.is_tensor(t)]
     state = adam_state(params, [opt_head, opt_body], ["w", "b", "hw", "hb"], bias_corrected=bias_corrected)
     after = [t for s in opt_body.state.values() for t in s.values() if torch.is_tensor(t)]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))  # read-only
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # read-only
     assert state.missing == ["hw", "hb"] and not state.complete
     assert state.optimizer_index == [1, 1, 0, 0]
     assert state.steps == [4, 4, 0, 0]

@@ -67,7 +67,7 @@ def test_one_info_record_per_evaluation(records):
     for monitor, key in ((hessian, "num_hvps"), (volume, "num_forward_passes")):
         mine = [m for m in messages if m.startswith(type(monitor).__name__ + " ")]
         assert len(mine) == 2
-        for row, message in zip(monitor.history, mine):
+        for row, message in zip(monitor.history, mine, strict=False):
             match = re.fullmatch(pattern[type(monitor).__name__], message)
             assert match, message
             assert int(match.group(1)) == int(row["epoch"]) and int(match.group(2)) == int(row[key])

@@ -80,7 +80,7 @@ def feed(det: TraceSharpDropDetector, traces, stderrs=None, epochs=None) -> list
     stderrs = [None] * len(traces) if stderrs is None else stderrs
     return [
         int(e)
-        for e, x, s in zip(epochs, traces, stderrs)
+        for e, x, s in zip(epochs, traces, stderrs, strict=True)
         if det.update(int(e), float(x), None if s is None else float(s))
     ]
 
@@ -395,7 +395,7 @@ def test_state_dict_round_trip_mid_run(split: int, via: str) -> None:
     traces[[10, 22]] = math.nan
     stderrs = [None if i % 7 == 0 else 2.0 for i in range(len(traces))]
     full = TraceSharpDropDetector()
-    full_returns = [full.update(i, float(x), s) for i, (x, s) in enumerate(zip(traces, stderrs))]
+    full_returns = [full.update(i, float(x), s) for i, (x, s) in enumerate(zip(traces, stderrs, strict=True))]
     assert sum(full_returns) == 1
 
     first = TraceSharpDropDetector()

@@ -200,7 +200,7 @@ def test_resume_keeps_detector_state(stopped, tmp_path):
 
     # control: a detector that only saw the epochs after the resume point never flags the drop
     fresh = TraceSharpDropDetector()
-    for epoch, trace, stderr in zip(*(seq[resume_at:] for seq in ref_history)):
+    for epoch, trace, stderr in zip(*(seq[resume_at:] for seq in ref_history), strict=False):
         fresh.update(epoch, trace, stderr)
     assert not fresh.flagged
 

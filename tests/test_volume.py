@@ -503,7 +503,7 @@ def _assert_same(before, after):
     assert before["state"].keys() == after["state"].keys()
     for key in before["state"]:
         assert torch.equal(before["state"][key], after["state"][key]), key
-    for g0, g1 in zip(before["grads"], after["grads"]):
+    for g0, g1 in zip(before["grads"], after["grads"], strict=True):
         assert (g0 is None and g1 is None) or torch.equal(g0, g1)
     assert before["modes"] == after["modes"]
     assert before["requires_grad"] == after["requires_grad"]
@@ -797,11 +797,11 @@ def _exact_cost_hessian_diagonal(model, data, cost, mask_fn=None):
 
     def total_cost(flat):
         params, offset = {}, 0
-        for name, shape in zip(names, shapes):
+        for name, shape in zip(names, shapes, strict=True):
             params[name] = flat[offset : offset + shape.numel()].reshape(shape)
             offset += shape.numel()
         num, den = 0.0, 0.0
-        for batch, anchor in zip(data, anchors):
+        for batch, anchor in zip(data, anchors, strict=False):
             out = torch.func.functional_call(model, params, (batch[0],))
             if cost == "kl":
                 log_p = torch.log_softmax(anchor, -1)

@@ -237,5 +237,5 @@ def preserved_generators(generators: Sequence[HeldGenerator]) -> Iterator[None]:
     try:
         yield
     finally:
-        for gen, state in zip(generators, states):
+        for gen, state in zip(generators, states, strict=True):
             gen.set_state(state)

@@ -442,7 +442,7 @@ class LocalVolumeMonitor(CurvatureCallback):
             )
         named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
         owners = param_groups([p for _, p in named], optimizers)
-        unowned = [name for (name, _), info in zip(named, owners) if info is None]
+        unowned = [name for (name, _), info in zip(named, owners, strict=True) if info is None]
         if unowned:
             raise ValueError(
                 f"{type(self).__name__}(preconditioner={self.preconditioner!r}): trainable parameter(s) "

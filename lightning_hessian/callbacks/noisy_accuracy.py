@@ -314,7 +314,7 @@ class NoisyInputAccuracy(Callback):
                 continue
             if all(metric.update_count == 0 for metric in metrics.values()):
                 continue
-            names = dict(zip(("noisy", "clean"), self._metric_names(trainer, stage, dl_idx)))
+            names = dict(zip(("noisy", "clean"), self._metric_names(trainer, stage, dl_idx), strict=False))
             for kind, metric in metrics.items():
                 value = metric.compute()  # synchronised across processes by torchmetrics
                 metric.reset()

@@ -451,7 +451,7 @@ def _flat(
     )
     counts: dict[str, int] = {}
     offset = 0
-    for name, numel in zip(setup.names, setup.evaluator.numels):
+    for name, numel in zip(setup.names, setup.evaluator.numels, strict=False):
         count = int(mask[offset : offset + numel].sum())
         if count:
             counts[name] = count

@@ -137,7 +137,7 @@ def holds_adam_moment(info: ParamGroupInfo, kind: str) -> bool:
 
 
 def _check_owned(kind: str, names: list[str], owners: list[Any]) -> None:
-    unowned = [name for name, info in zip(names, owners) if info is None]
+    unowned = [name for name, info in zip(names, owners, strict=False) if info is None]
     if unowned:
         raise MissingOptimizerStateError(
             f"preconditioner={kind!r}: trainable parameter(s) {unowned[:5]}{' ...' if len(unowned) > 5 else ''} "
@@ -163,7 +163,7 @@ def _adam_moment_scale(
     blocks: list[Tensor | None] = []
     floors: list[float] = []
     missing: list[str] = []
-    for i, (name, p, info) in enumerate(zip(names, params, owners)):
+    for i, (name, p, info) in enumerate(zip(names, params, owners, strict=False)):
         assert info is not None  # _check_owned
         is_adam = holds_adam_moment(info, kind)
         moment = _moment(kind, state, i, info.optimizer.state.get(p, {})) if is_adam else None
@@ -192,7 +192,7 @@ def _adam_moment_scale(
     all_adam = torch.cat(present)
     positive = all_adam[all_adam > 0]
     median = float(positive.median()) if positive.numel() else 0.0
-    others = [name for name, b in zip(names, blocks) if b is None]
+    others = [name for name, b in zip(names, blocks, strict=False) if b is None]
     if others:
         warnings.warn(
             f"preconditioner={kind!r}: parameter(s) {others[:5]}{' ...' if len(others) > 5 else ''} are optimized "
@@ -204,11 +204,14 @@ def _adam_moment_scale(
     scale = torch.cat(
         [
             b if b is not None else torch.full((p.numel(),), median, dtype=torch.float64, device=p.device)
-            for b, p in zip(blocks, params)
+            for b, p in zip(blocks, params, strict=False)
         ]
     )
     floor = torch.cat(
-        [torch.full((p.numel(),), f, dtype=torch.float64, device=p.device) for f, p in zip(floors, params)]
+        [
+            torch.full((p.numel(),), f, dtype=torch.float64, device=p.device)
+            for f, p in zip(floors, params, strict=False)
+        ]
     )
     return PreconditionerScale(kind, scale, floor)
 

@@ -90,7 +90,7 @@ def flat_from_mapping(value: Mapping[str, Any], names: list[str], params: list[T
             "give one per name in model.named_parameters()."
         )
     blocks = []
-    for name, p in zip(names, params):
+    for name, p in zip(names, params, strict=False):
         item = value[name]
         if isinstance(item, Tensor):
             t = item.detach().to(device=p.device, dtype=torch.float64)
