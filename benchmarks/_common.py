@@ -96,7 +96,7 @@ def cached_exact_eigenvalues(
 
     Returns ``(eigenvalues, from_cache)``.
     """
-    key = fingerprint(*[p for p in model.parameters()], *[b for batch in batches for b in batch])
+    key = fingerprint(*model.parameters(), *[b for batch in batches for b in batch])
     path = OUTPUTS / f"exact_eigs_{name}_{key}.pt"
     if path.exists():
         try:

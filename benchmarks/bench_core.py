@@ -489,10 +489,8 @@ def warm_up(case: Case, libs: dict[str, Library]) -> None:
             (libs["curvlinops"], lambda: base.curvlinops()[0] @ torch.ones((n, 3))),
         ):
             if lib.ok:
-                try:
+                with contextlib.suppress(Exception):  # failures show up in the timed rows
                     go()
-                except Exception:  # noqa: BLE001 - failures show up in the timed rows
-                    pass
 
 
 def trace_section(case: Case, libs: dict[str, Library], budget: int, seeds: int) -> list[Row]:
@@ -563,7 +561,8 @@ def trace_section(case: Case, libs: dict[str, Library], budget: int, seeds: int)
         rms = math.sqrt(statistics.mean(((e - exact) / exact) ** 2 for e in ests))
         print(
             f"     {row.label:<30} {row.hvps():>6.0f} {statistics.mean(ests):>11.5g} {rms:>10.2e} "
-            f"{row.seconds() * 1e3:>9.1f} {row.seconds() * 1e3 / max(row.hvps(), 1):>7.2f} {row.seconds() / t_ref:>6.2f}x"
+            f"{row.seconds() * 1e3:>9.1f} {row.seconds() * 1e3 / max(row.hvps(), 1):>7.2f} "
+            f"{row.seconds() / t_ref:>6.2f}x"
         )
     return rows
 
@@ -737,7 +736,8 @@ def density_section(case: Case, libs: dict[str, Library], seeds: int, runs: int)
         w = w1(row)
         print(
             f"     {row.label:<42} {row.hvps():>6.0f} {w:>10.3e} {w / w_ref:>7.3f} {row.hvps() / h_ref:>8.3f} "
-            f"{row.seconds() * 1e3:>9.1f} {row.seconds() * 1e3 / max(row.hvps(), 1):>7.2f} {row.seconds() / t_ref:>6.3f}  {row.note}"
+            f"{row.seconds() * 1e3:>9.1f} {row.seconds() * 1e3 / max(row.hvps(), 1):>7.2f} "
+            f"{row.seconds() / t_ref:>6.3f}  {row.note}"
         )
     return rows, [w1(row) if row.good() else float("nan") for row in rows]
 
@@ -790,7 +790,8 @@ def main() -> None:
     for case in cases:
         print(
             f"model {case.name}: n={case.n:,}, exact spectrum {'from cache' if case.from_cache else 'computed'} "
-            f"({case.exact_seconds:.1f} s), tr={case.trace:.6g}, lambda_max={case.top:.6g}, lambda_min={case.eigs[0]:.4g}"
+            f"({case.exact_seconds:.1f} s), tr={case.trace:.6g}, lambda_max={case.top:.6g}, "
+            f"lambda_min={case.eigs[0]:.4g}"
         )
 
     summary: list[str] = []
@@ -800,7 +801,8 @@ def main() -> None:
             by = {r.label: r.per_vector() / g for r in rows}
             best = min((r for r in rows if not r.reference), key=lambda r: r.per_vector())
             summary.append(
-                f"[HVP {case.name}] amortised HVP <= 2x grad: {'MET' if best.per_vector() / g <= HVP_TARGET else 'NOT MET'} "
+                f"[HVP {case.name}] amortised HVP <= 2x grad: "
+                f"{'MET' if best.per_vector() / g <= HVP_TARGET else 'NOT MET'} "
                 f"(best: {best.label} {best.per_vector() / g:.2f}x); func x1 {by['func, 1 vector']:.1f}x, "
                 f"x3 {by['func, vmap 3 (SLQ default)']:.2f}x, x10 {by['func, vmap 10 (trace default)']:.2f}x, "
                 f"x30 {by['func, vmap 30']:.2f}x; autograd x1 {by['autograd, 1 vector']:.2f}x, "
@@ -811,9 +813,9 @@ def main() -> None:
         if "trace" not in skip:
             rows = trace_section(case, libs, args.trace_budget, trace_seeds)
 
-            def rms(row: Row) -> float:
+            def rms(row: Row, exact: float = case.trace) -> float:
                 return (
-                    math.sqrt(statistics.mean(((r.estimate - case.trace) / case.trace) ** 2 for r in row.good()))
+                    math.sqrt(statistics.mean(((r.estimate - exact) / exact) ** 2 for r in row.good()))
                     if row.good()
                     else float("nan")
                 )
@@ -825,12 +827,13 @@ def main() -> None:
             ]
             summary.append(f"[TRACE {case.name}, {args.trace_budget} HVPs] " + "; ".join(parts))
         if "eigen" not in skip:
-            rows, budget = eigen_section(case, libs, eig_seeds, max_power)
+            rows, _budget = eigen_section(case, libs, eig_seeds, max_power)
             ours = rows[0]
             err = max(abs(r.estimate - case.top) / abs(case.top) for r in ours.good())
             met = err <= EIG_TARGET_REL and ours.hvps() <= EIG_TARGET_HVPS
             others = [
-                f"{r.label}: {r.hvps():.0f} HVPs rel err {max(abs(x.estimate - case.top) / abs(case.top) for x in r.good()):.1e} "
+                f"{r.label}: {r.hvps():.0f} HVPs rel err "
+                f"{max(abs(x.estimate - case.top) / abs(case.top) for x in r.good()):.1e} "
                 f"t/ours {r.seconds() / ours.seconds():.2f}x"
                 for r in rows[1:]
                 if r.good()
@@ -851,10 +854,14 @@ def main() -> None:
                 h, t = ours.hvps() / ref.hvps(), ours.seconds() / ref.seconds()
                 met = w_ours <= w_ref and h <= 1 / 3 + 1e-9 and t <= 1 / 3
                 summary.append(
-                    f"[DENSITY {case.name}] W1 <= eigenthings 10x80 with <= 1/3 HVPs and time: {'MET' if met else 'NOT MET'} "
-                    f"(W1 ours {w_ours:.3e} vs {w_ref:.3e} = {w_ours / w_ref:.3f}x; deflate=False {w_nd:.3e} = {w_nd / w_ref:.3f}x; "
-                    f"HVPs {ours.hvps():.0f}/{ref.hvps():.0f} = {h:.3f}; time {ours.seconds():.2f}/{ref.seconds():.2f} s = {t:.3f}; "
-                    f"what-if backend='autograd': time {what_if.seconds():.2f} s = {what_if.seconds() / ref.seconds():.3f})"
+                    f"[DENSITY {case.name}] W1 <= eigenthings 10x80 with <= 1/3 HVPs and time: "
+                    f"{'MET' if met else 'NOT MET'} "
+                    f"(W1 ours {w_ours:.3e} vs {w_ref:.3e} = {w_ours / w_ref:.3f}x; deflate=False {w_nd:.3e} = "
+                    f"{w_nd / w_ref:.3f}x; "
+                    f"HVPs {ours.hvps():.0f}/{ref.hvps():.0f} = {h:.3f}; time "
+                    f"{ours.seconds():.2f}/{ref.seconds():.2f} s = {t:.3f}; "
+                    f"what-if backend='autograd': time {what_if.seconds():.2f} s = "
+                    f"{what_if.seconds() / ref.seconds():.3f})"
                 )
                 others = [
                     f"{r.label}: W1 {w:.3e} ({w / w_ours:.2f}x ours), t/ours {r.seconds() / ours.seconds():.2f}x"
@@ -872,7 +879,8 @@ def main() -> None:
     print("\n" + "=" * 100)
     print(
         f"SUMMARY  bench_core {datetime.date.today().isoformat()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), {'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s"
+        f"{torch.get_num_threads()} thread(s), {'quick' if args.quick else 'full'} run, "
+        f"{time.perf_counter() - started:.0f} s"
     )
     print("baselines: " + "; ".join(lib.label for lib in libs.values()))
     for line in summary:

@@ -84,7 +84,8 @@ def main() -> None:
         f"\nmedian training epoch {train:.3f} s; median HessianMonitor evaluation {mon:.3f} s; ratio {mon / train:.2f}x"
     )
     print(
-        f"HVPs per evaluation: {int(monitor.history[0]['num_hvps'])} ({monitor.num_runs} runs x {monitor.num_steps} steps)"
+        f"HVPs per evaluation: {int(monitor.history[0]['num_hvps'])} ({monitor.num_runs} runs x {monitor.num_steps} "
+        "steps)"
     )
 
 

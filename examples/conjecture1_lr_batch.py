@@ -115,7 +115,8 @@ def compare(name: str, a_label: str, a_runs, b_label: str, b_runs, early: int, a
         la, lb = stats(a_runs, "train_loss", e)[0], stats(b_runs, "train_loss", e)[0]
         ca, cb = stats(a_runs, "val_acc", e)[0], stats(b_runs, "val_acc", e)[0]
         print(
-            f"{e:>5} | {am:>7.2f} [{alo:>6.2f},{ahi:>6.2f}] {bm:>7.2f} [{blo:>6.2f},{bhi:>6.2f}] {'yes' if sep else 'no':>4} | "
+            f"{e:>5} | {am:>7.2f} [{alo:>6.2f},{ahi:>6.2f}] {bm:>7.2f} [{blo:>6.2f},{bhi:>6.2f}] "
+            f"{'yes' if sep else 'no':>4} | "
             f"{la:>7.4f} {lb:>7.4f} | {ca:>6.3f} {cb:>6.3f}"
         )
     n_early = min(early, epochs)
@@ -134,7 +135,8 @@ def compare(name: str, a_label: str, a_runs, b_label: str, b_runs, early: int, a
         + f"; epochs with non-overlapping λmax ranges: {sum(separated)}/{epochs}"
     )
     print(
-        f"final: train loss {la:.4f} vs {lb:.4f} (ratio {loss_ratio:.2f}), val acc {ca:.3f} vs {cb:.3f} (gap {acc_gap:.3f})"
+        f"final: train loss {la:.4f} vs {lb:.4f} (ratio {loss_ratio:.2f}), val acc {ca:.3f} vs {cb:.3f} (gap "
+        f"{acc_gap:.3f})"
     )
     print(
         f"VERDICT {name}: {verdict} (criterion: λmax seed ranges disjoint, same order, at epochs 0..{n_early - 1} "
@@ -207,7 +209,8 @@ def main() -> None:
     print("\nSummary:")
     for v in verdicts:
         print(
-            f"  {v['name']:<24} early-separated={v['early_separated']!s:<5} curves-close={v['close']!s:<5} -> {v['verdict']}"
+            f"  {v['name']:<24} early-separated={v['early_separated']!s:<5} curves-close={v['close']!s:<5} -> "
+            f"{v['verdict']}"
         )
     print(f"total {time.perf_counter() - start:.0f} s; plot: {args.out}")
 

@@ -177,18 +177,22 @@ def main() -> None:
 
     keys = ("lmax", "lmin", "neg_mass", "neg_1e2", "neg_raw", "neg_curv", "outlier_ratio", "top10_share", "trace")
     print(
-        f"Mean over {args.seeds} seed(s); analysis set 161 samples; {args.num_runs} SLQ runs x {args.num_steps} Lanczos steps"
+        f"Mean over {args.seeds} seed(s); analysis set 161 samples; {args.num_runs} SLQ runs x {args.num_steps} "
+        "Lanczos steps"
     )
     print(
-        f"{'network':<20} {'epoch':>5} {'λmax':>8} {'λmin':>9} {'neg.mass':>9} {'neg>1e-2':>8} {'neg.raw':>8} {'neg|λ|':>7} {'λ1/λ11':>7} {'top10/tr':>8} {'trace':>8} {'loss':>7}"
+        f"{'network':<20} {'epoch':>5} {'λmax':>8} {'λmin':>9} {'neg.mass':>9} {'neg>1e-2':>8} {'neg.raw':>8} "
+        f"{'neg|λ|':>7} {'λ1/λ11':>7} {'top10/tr':>8} {'trace':>8} {'loss':>7}"
     )
     for name in results:
         for epoch in checkpoints:
             row = {k: mean(name, epoch, k) for k in keys}
             loss = mean(name, epoch, "train_loss") if epoch > 0 else float("nan")
             print(
-                f"{name:<20} {('init' if epoch == 0 else epoch)!s:>5} {row['lmax']:>8.3f} {row['lmin']:>9.4f} {row['neg_mass']:>9.4f} {row['neg_1e2']:>8.4f} "
-                f"{row['neg_raw']:>8.4f} {row['neg_curv']:>7.4f} {row['outlier_ratio']:>7.2f} {row['top10_share']:>8.3f} {row['trace']:>8.2f} {loss:>7.4f}"
+                f"{name:<20} {('init' if epoch == 0 else epoch)!s:>5} {row['lmax']:>8.3f} {row['lmin']:>9.4f} "
+                f"{row['neg_mass']:>9.4f} {row['neg_1e2']:>8.4f} "
+                f"{row['neg_raw']:>8.4f} {row['neg_curv']:>7.4f} {row['outlier_ratio']:>7.2f} "
+                f"{row['top10_share']:>8.3f} {row['trace']:>8.2f} {loss:>7.4f}"
             )
     # verdict 1: negative mass
     ok_neg = []
@@ -199,7 +203,8 @@ def main() -> None:
         print(
             f"{name}: negative mass {init:.4f} at init -> {ep2:.4f} after epoch {min(2, args.epochs)} "
             f"-> {mean(name, args.epochs, 'neg_mass'):.4f} after epoch {args.epochs}; negative share of sum|λ| "
-            f"{mean(name, 0, 'neg_curv'):.4f} -> {mean(name, min(2, args.epochs), 'neg_curv'):.4f} -> {mean(name, args.epochs, 'neg_curv'):.4f}"
+            f"{mean(name, 0, 'neg_curv'):.4f} -> {mean(name, min(2, args.epochs), 'neg_curv'):.4f} -> "
+            f"{mean(name, args.epochs, 'neg_curv'):.4f}"
         )
     print(
         f"VERDICT negative mass: {'reproduced' if all(ok_neg) else 'not reproduced'} "
@@ -210,7 +215,8 @@ def main() -> None:
     r_plain0, r_bn0 = mean(names[0], 0, "outlier_ratio"), mean(names[1], 0, "outlier_ratio")
     ok_bn = r_plain >= 2 * r_bn
     print(
-        f"outlier ratio λ1/λ11: init {r_plain0:.2f} (no BN) vs {r_bn0:.2f} (BN); epoch {args.epochs} {r_plain:.2f} (no BN) vs {r_bn:.2f} (BN)"
+        f"outlier ratio λ1/λ11: init {r_plain0:.2f} (no BN) vs {r_bn0:.2f} (BN); epoch {args.epochs} {r_plain:.2f} "
+        f"(no BN) vs {r_bn:.2f} (BN)"
     )
     print(
         f"VERDICT BatchNorm removes outliers: {'reproduced' if ok_bn else 'not reproduced'} "
@@ -218,7 +224,8 @@ def main() -> None:
     )
     plot(results, checkpoints, args.out)
     print(
-        f"total {time.perf_counter() - start:.0f} s; plots: {args.out} and {args.out.with_name(args.out.stem + '_zoom.png')}"
+        f"total {time.perf_counter() - start:.0f} s; plots: {args.out} and "
+        f"{args.out.with_name(args.out.stem + '_zoom.png')}"
     )
 
 

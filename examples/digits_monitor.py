@@ -98,7 +98,8 @@ def main() -> None:
     for row in monitor.history:
         print(
             f"{int(row['epoch']):>5} {row['trace']:>10.4f} {row['trace_stderr']:>9.4f} {row['top_eigenvalue']:>9.4f} "
-            f"{row['min_eigenvalue']:>10.5f} {row['negative_mass']:>9.4f} {int(row['num_hvps']):>5} {row['seconds']:>6.2f}"
+            f"{row['min_eigenvalue']:>10.5f} {row['negative_mass']:>9.4f} {int(row['num_hvps']):>5} "
+            f"{row['seconds']:>6.2f}"
         )
     monitor_seconds = sum(row["seconds"] for row in monitor.history)
     print(f"\ntotal {total:.1f} s, of which HessianMonitor {monitor_seconds:.1f} s")

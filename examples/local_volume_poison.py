@@ -52,6 +52,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import itertools
+
 from digits_monitor import DigitsMLP, digits_datasets
 
 from lightning_hessian.callbacks import LocalVolumeMonitor
@@ -222,7 +224,8 @@ def main() -> None:
     )
     print(
         "\nlog10 P: Adam-preconditioned Gaussian-measure estimate (init prior), KL cutoff 1e-2 nats;"
-        "\npoison fit: accuracy on the poison set's wrong labels (memorisation); ±sd(dir): spread of one-direction estimates"
+        "\npoison fit: accuracy on the poison set's wrong labels (memorisation); ±sd(dir): spread of one-direction "
+        "estimates"
     )
     print(header)
     show = sorted({0, 1, 2, 4, 9, 14, 19, 24, args.epochs - 1} & set(range(args.epochs)))
@@ -231,7 +234,8 @@ def main() -> None:
             if r["epoch"] in show:
                 print(
                     f"{kind + ' s' + str(seed):<12} {r['epoch']:>5} {r['clean_loss']:>10.4f} {r['val_acc']:>7.3f} "
-                    f"{r['poison_wrong_acc']:>10.3f} {r['log_p'] / math.log(10):>9.1f} {r['log_p_std'] / math.log(10):>8.1f} "
+                    f"{r['poison_wrong_acc']:>10.3f} {r['log_p'] / math.log(10):>9.1f} "
+                    f"{r['log_p_std'] / math.log(10):>8.1f} "
                     f"{r['log_p_naive'] / math.log(10):>13.1f} {r['log_radius']:>10.3f}"
                 )
 
@@ -240,11 +244,13 @@ def main() -> None:
     for seed in range(args.seeds):
         rows = runs[("clean", seed)]
         first, last = rows[0]["log_p"], rows[-1]["log_p"]
-        drops = sum(b["log_p"] < a["log_p"] for a, b in zip(rows, rows[1:], strict=False))
+        drops = sum(b["log_p"] < a["log_p"] for a, b in itertools.pairwise(rows))
         falls.append(last < first)
         print(
-            f"   seed {seed}: log10 P {first / math.log(10):.1f} (epoch 0) -> {last / math.log(10):.1f} (epoch {rows[-1]['epoch']}); "
-            f"fell in {drops}/{len(rows) - 1} epoch steps; naive {rows[0]['log_p_naive'] / math.log(10):.1f} -> {rows[-1]['log_p_naive'] / math.log(10):.1f}"
+            f"   seed {seed}: log10 P {first / math.log(10):.1f} (epoch 0) -> {last / math.log(10):.1f} (epoch "
+            f"{rows[-1]['epoch']}); "
+            f"fell in {drops}/{len(rows) - 1} epoch steps; naive {rows[0]['log_p_naive'] / math.log(10):.1f} -> "
+            f"{rows[-1]['log_p_naive'] / math.log(10):.1f}"
         )
     print(
         f"VERDICT volume falls during training: {'reproduced' if all(falls) else 'not reproduced'} "
@@ -252,7 +258,8 @@ def main() -> None:
     )
 
     print(
-        "\n2) Poisoned vs clean at matched clean training loss (poisoned: last epoch; clean: epoch with the closest clean loss):"
+        "\n2) Poisoned vs clean at matched clean training loss (poisoned: last epoch; clean: epoch with the closest "
+        "clean loss):"
     )
     print(
         f"   {'seed':>4} {'clean ep':>8} {'clean loss':>10} {'pois. loss':>10} {'val clean':>9} {'val pois':>8} "
@@ -267,22 +274,26 @@ def main() -> None:
         smaller.append(delta < 0)
         smaller_naive.append(delta_naive < 0)
         print(
-            f"   {seed:>4} {c['epoch']:>8} {c['clean_loss']:>10.4f} {p['clean_loss']:>10.4f} {c['val_acc']:>9.3f} {p['val_acc']:>8.3f} "
+            f"   {seed:>4} {c['epoch']:>8} {c['clean_loss']:>10.4f} {p['clean_loss']:>10.4f} {c['val_acc']:>9.3f} "
+            f"{p['val_acc']:>8.3f} "
             f"{c['log_p'] / math.log(10):>12.1f} {p['log_p'] / math.log(10):>11.1f} {delta:>7.1f} {delta_naive:>8.1f}"
         )
         cl = runs[("clean", seed)][-1]
         smaller_same.append(p["log_p"] < cl["log_p"])
         print(
-            f"        (same last epoch instead: clean loss {cl['clean_loss']:.4f}, log10 P clean {cl['log_p'] / math.log(10):.1f} "
+            f"        (same last epoch instead: clean loss {cl['clean_loss']:.4f}, log10 P clean "
+            f"{cl['log_p'] / math.log(10):.1f} "
             f"vs poisoned {p['log_p'] / math.log(10):.1f}: Δ {(p['log_p'] - cl['log_p']) / math.log(10):.1f})"
         )
     print(
         f"VERDICT poisoned smaller volume: {'reproduced' if all(smaller) else 'not reproduced'} "
-        f"(criterion: poisoned log P < clean log P at matched clean loss for every seed, Adam-preconditioned: {smaller}; "
+        "(criterion: poisoned log P < clean log P at matched clean loss for every seed, Adam-preconditioned: "
+        f"{smaller}; "
         f"naive estimator: {smaller_naive})"
     )
     print(
-        f"VERDICT (secondary, same epoch) poisoned smaller volume: {'reproduced' if all(smaller_same) else 'not reproduced'} "
+        "VERDICT (secondary, same epoch) poisoned smaller volume: "
+        f"{'reproduced' if all(smaller_same) else 'not reproduced'} "
         f"(criterion: poisoned log P < clean log P at the last epoch for every seed: {smaller_same})"
     )
     plot(runs, args.out)

@@ -167,7 +167,8 @@ def main() -> None:
         )
     if monitor.stopped_epoch is not None:
         print(
-            f"stopped at epoch {monitor.stopped_epoch} (patience {args.patience}), val acc {accuracy.acc[monitor.stopped_epoch]:.3f}"
+            f"stopped at epoch {monitor.stopped_epoch} (patience {args.patience}), val acc "
+            f"{accuracy.acc[monitor.stopped_epoch]:.3f}"
         )
     else:
         print(f"ran all {trainer.current_epoch} epochs")

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
@@ -47,7 +47,7 @@ __all__ = [
     "regression_table",
 ]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 SourceFormat = Literal["auto", "tensorboard", "csv"]
 
 #: Scalars that are bookkeeping, not metrics.
@@ -229,8 +229,8 @@ class _EpochLocator:
     def __init__(self, epoch_events: Sequence[tuple[float, int, float]]) -> None:
         self.by_step: dict[int, list[tuple[float, int]]] = {}
         for wall, step, value in epoch_events:
-            self.by_step.setdefault(int(step), []).append((wall, int(round(value))))
-        ordered = sorted((wall, int(round(value))) for wall, _, value in epoch_events)
+            self.by_step.setdefault(int(step), []).append((wall, int(round(value))))  # noqa: RUF046 - value may be a NumPy scalar (round() keeps float64 before NumPy 2)
+        ordered = sorted((wall, int(round(value))) for wall, _, value in epoch_events)  # noqa: RUF046
         self.walls = [wall for wall, _ in ordered]
         self.epochs = [epoch for _, epoch in ordered]
 

@@ -177,7 +177,8 @@ class SpectralDensity:
 
     @property
     def negative_mass(self) -> float:
-        r"""Fraction of eigenvalues below :math:`-\tau`, :attr:`negative_mass_threshold` (see :meth:`negative_fraction`)."""
+        r"""Fraction of eigenvalues below :math:`-\tau`, :attr:`negative_mass_threshold`
+        (see :meth:`negative_fraction`)."""
         return self.negative_fraction(threshold=self.negative_threshold)
 
     @property
@@ -276,7 +277,8 @@ class SpectralDensity:
         return self._extreme_ritz_values(min(k, self.nodes.shape[1]), descending=True)
 
     def bottom_ritz_values(self, k: int = 1) -> tuple[Tensor, Tensor]:
-        """Best estimates of the ``k`` smallest eigenvalues, ascending (multiplicities as in :meth:`top_ritz_values`)."""
+        """Best estimates of the ``k`` smallest eigenvalues, ascending
+        (multiplicities as in :meth:`top_ritz_values`)."""
         return self._extreme_ritz_values(min(k, self.nodes.shape[1]), descending=False)
 
     @property

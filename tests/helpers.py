@@ -26,7 +26,7 @@ def analysis_batches(fraction: float = 0.1, seed: int = 42, batch_size: int = 64
     """A seeded ``fraction`` of the digits data as a list of ``(inputs, targets)`` batches."""
     x, y = digits_tensors()
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(x.shape[0], generator=g)[: int(round(fraction * x.shape[0]))]
+    idx = torch.randperm(x.shape[0], generator=g)[: round(fraction * x.shape[0])]
     xs, ys = x[idx], y[idx]
     if images:
         xs = xs.reshape(-1, 1, 8, 8)

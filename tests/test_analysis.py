@@ -382,7 +382,7 @@ def test_tensorboard_and_csv_readers_on_a_real_run(tmp_path: Path):
 def test_find_run_errors(tmp_path: Path):
     with pytest.raises(FileNotFoundError):
         find_run(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="No TensorBoard event files or metrics.csv"):
+    with pytest.raises(FileNotFoundError, match=r"No TensorBoard event files or metrics\.csv"):
         find_run(tmp_path)
     for version in ("version_0", "version_1"):
         (tmp_path / version).mkdir()

@@ -54,7 +54,7 @@ def _assert_weights_are_probabilities(sd) -> None:
             continue
         assert torch.all(weights >= 0)
         assert torch.allclose(weights.sum(dim=1), torch.ones(sd.num_runs, dtype=torch.float64), atol=1e-12, rtol=0)
-    nodes, weights = sd.measure()
+    _nodes, weights = sd.measure()
     assert float(weights.sum()) == pytest.approx(1.0, abs=1e-12)
 
 
@@ -185,7 +185,7 @@ def test_known_spectrum_is_recovered(two_clusters):
 
 
 def test_single_run_is_not_deflated(two_clusters):
-    lam, op = two_clusters
+    _lam, op = two_clusters
     sd = spectral_density(op, num_runs=1, num_steps=40, seed=3)
     assert sd.deflated_weights is None and sd.num_deflated == 0
     _assert_weights_are_probabilities(sd)
@@ -234,7 +234,7 @@ def test_ritz_value_bounds_ignore_padding_of_runs_that_stopped_early():
     for seed in range(6):
         sd = spectral_density(op, num_runs=4, num_steps=10, seed=seed)
         mixed += len(set(sd.steps)) > 1
-        top, res = sd.top_ritz_values(2)
+        top, _res = sd.top_ritz_values(2)
         assert float(top[0]) == pytest.approx(5.0, abs=1e-12)
         assert float(top[1]) <= 3.0 + 1e-12  # never the padded copy of 5
         if 3 in sd.steps:

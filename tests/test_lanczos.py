@@ -65,7 +65,7 @@ def test_breakdown_with_few_distinct_eigenvalues():
     op = MatrixOperator(A)
     starts = _starts(300, 3, seed=6)
     # a fourth run started inside the span of two eigenspaces: its Krylov space has dimension 2
-    evals, evecs = torch.linalg.eigh(A)
+    _evals, evecs = torch.linalg.eigh(A)
     starts = torch.cat([starts, (evecs[:, :75].sum(1) + 2 * evecs[:, -75:].sum(1))[:, None]], dim=1)
     res = lanczos(op, starts, 50)
     assert res.steps == [4, 4, 4, 2]  # terminated early, not after 50 steps

@@ -218,7 +218,7 @@ def test_optimizer_index_out_of_range_raises():
 def test_prior_mapping_missing_names_raises_at_fit_start():
     monitor = _monitor(prior_std={"net.0.weight": 0.1})
     trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_epochs=1))
-    with pytest.raises(ValueError, match="prior_std.*net.0.bias"):
+    with pytest.raises(ValueError, match=r"prior_std.*net\.0\.bias"):
         trainer.fit(DigitsModule(hidden=8, optimizer="adam"), digits_loader(limit=200))
     assert trainer.global_step == 0
 

@@ -538,7 +538,7 @@ def test_wrong_shapes_to_matmat_and_matvec(small_problem):
         op.matmat(torch.ones(n + 1, 2))
     with pytest.raises(ValueError, match="shape"):
         op.matmat(torch.ones(n, 2, 1))
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         op.matmat([[1.0]] * n)
     with pytest.raises(ValueError, match="1-D"):
         op.matvec(torch.ones(n, 1))

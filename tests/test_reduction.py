@@ -36,7 +36,10 @@ def test_mean_and_sum_are_told_apart(size):
     x, y = _batch(size)
     assert detect_loss_reduction(lambda b: F.cross_entropy(model(b[0]), b[1]), (x, y)) == "mean"
     assert detect_loss_reduction(lambda b: F.cross_entropy(model(b[0]), b[1], reduction="sum"), (x, y)) == "sum"
-    mse_sum = lambda b: F.mse_loss(model(b["x"]), torch.zeros(b["x"].shape[0], 3), reduction="sum")
+
+    def mse_sum(b):
+        return F.mse_loss(model(b["x"]), torch.zeros(b["x"].shape[0], 3), reduction="sum")
+
     assert detect_loss_reduction(mse_sum, {"x": x, "name": "not a tensor"}) == "sum"
 
 

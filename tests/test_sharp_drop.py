@@ -446,7 +446,7 @@ def test_history() -> None:
     assert history.epochs == (3, 7)
     assert history.traces == (1.5, 2.0)
     assert history.stderrs == (0.1, None)
-    epochs, traces, stderrs = history
+    epochs, _traces, _stderrs = history
     assert epochs == (3, 7)
 
 

@@ -241,7 +241,7 @@ def test_student_t_quantile_matches_scipy(dof):
 
 
 def test_adaptive_refuses_too_few_minimum_probes(mlp_spectrum_op):
-    with pytest.raises(ValueError, match="min_probes.*30"):
+    with pytest.raises(ValueError, match=r"min_probes.*30"):
         hessian_trace(mlp_spectrum_op, rel_tol=0.1, min_probes=2)
 
 
@@ -252,7 +252,7 @@ def test_adaptive_keeps_its_promise_on_a_one_outlier_matrix(confidence, min_prob
     g = torch.Generator().manual_seed(7)
     n = 60
     lam = torch.cat([torch.tensor([30.0], dtype=torch.float64), torch.rand(n - 1, generator=g, dtype=torch.float64)])
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    q, _r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     op = MatrixOperator((q * lam) @ q.T)
     exact = float(lam.sum())
     rel_tol = 0.3

@@ -304,7 +304,7 @@ def test_radius_finder_exact_quadratic_needs_three_evaluations_and_caps():
 
 
 def test_unconverged_directions_are_reported_conservatively():
-    model, data, n = _ball_problem(0.0)
+    model, data, _n = _ball_problem(0.0)
     radius = math.sqrt(2e-2)
     est = local_volume(model, data, cost="gaussian", measure="lebesgue", num_directions=4, max_evaluations=2)
     assert est.num_unconverged == 4 and not est.converged.any()
@@ -844,7 +844,10 @@ def test_ggn_diagonal_matches_the_exact_hessian_diagonal(cost):
         (torch.randn(6, 5, 3, generator=gen, dtype=torch.float64), torch.rand(6, 5, generator=gen) > 0.3)
         for _ in range(2)
     ]
-    mask_fn = lambda batch: batch[1]
+
+    def mask_fn(batch):
+        return batch[1]
+
     params = list(model.parameters())
     evaluator = CostEvaluator(
         model,

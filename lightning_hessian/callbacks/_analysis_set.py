@@ -108,7 +108,7 @@ class AnalysisSet:
 
     def draw(self, length: int) -> list[int]:
         """The sorted global indices for a dataset of ``length`` samples (seeded, no RNG state touched)."""
-        count = max(1, int(round(self.fraction * length)))
+        count = max(1, int(round(self.fraction * length)))  # noqa: RUF046 - `fraction` may be a NumPy scalar
         if self.max_samples is not None:
             count = min(count, self.max_samples)
         generator = torch.Generator().manual_seed(self.seed)

@@ -36,14 +36,14 @@ def isolated_training_state(pl_module: torch.nn.Module, optimizers: Sequence[Any
     written (the estimators only read them).
     """
     py_state = random.getstate()
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 - the global legacy RNG training may draw from
     grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in pl_module.parameters()]
     try:
         with preserved_model_state(pl_module):
             yield
     finally:
         random.setstate(py_state)
-        np.random.set_state(np_state)
+        np.random.set_state(np_state)  # noqa: NPY002 - the global legacy RNG training may draw from
         for param, grad in grads:
             if grad is None:
                 if param.grad is not None:
@@ -184,10 +184,8 @@ def find_held_generators(root: Any) -> tuple[list[HeldGenerator], list[str]]:
             return
         if isinstance(obj, types.FunctionType):
             for cell in obj.__closure__ or ():
-                try:
+                with contextlib.suppress(ValueError):  # empty cell
                     visit(cell.cell_contents, f"{path}.<closure>", depth + 1)
-                except ValueError:  # empty cell
-                    pass
             return
         if isinstance(obj, types.MethodType):
             visit(obj.__self__, f"{path}.__self__", depth + 1)
@@ -209,13 +207,13 @@ def forked_global_rngs() -> Iterator[Callable[[int], None]]:
     read never initialises CUDA or queues a lazy seed that training would later see).
     """
     py_state = random.getstate()
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 - the global legacy RNG training may draw from
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
     def reseed(seed: int) -> None:
         random.seed(seed)
-        np.random.seed(seed % 2**32)
+        np.random.seed(seed % 2**32)  # noqa: NPY002 - the global legacy RNG training may draw from
         torch.default_generator.manual_seed(seed)
         if cuda_states is not None:
             torch.cuda.manual_seed_all(seed)
@@ -224,7 +222,7 @@ def forked_global_rngs() -> Iterator[Callable[[int], None]]:
         yield reseed
     finally:
         random.setstate(py_state)
-        np.random.set_state(np_state)
+        np.random.set_state(np_state)  # noqa: NPY002 - the global legacy RNG training may draw from
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -59,7 +59,7 @@ _LOW_ESS = 2.0
 
 CostName = Literal["kl", "gaussian", "loss"]
 PreconditionerName = Literal["adam", "adam_exp_avg", "hessian_diag", "hessian_diag_hutchinson", "none"]
-PriorStd = Union[float, dict[str, float], Literal["init"]]
+PriorStd = float | dict[str, float] | Literal["init"]
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -130,8 +130,8 @@ class LocalVolumeMonitor(CurvatureCallback):
     ``volume/log_radius_mean``, ``volume/log_radius_std``, ``volume/log_contribution_std``,
     ``volume/num_capped``, ``volume/num_unconverged``, ``volume/num_forward_passes``,
     ``volume/seconds``, ``volume/effective_sample_size``, ``volume/top_weight_share``,
-    ``volume/log_volume_lower_bound``, ``volume/num_flat``), so every logger and ``trainer.callback_metrics`` see them; the
-    per-direction log radii go to TensorBoard, W&B and MLflow loggers as the histogram ``volume/log_radii``.
+    ``volume/log_volume_lower_bound``, ``volume/num_flat``), so every logger and ``trainer.callback_metrics`` see them;
+    the per-direction log radii go to TensorBoard, W&B and MLflow loggers as the histogram ``volume/log_radii``.
 
     Training is never affected: RNG streams (python, numpy, torch, CUDA), BatchNorm buffers,
     train/eval flags, ``.grad`` and optimizer state are restored or untouched, so final weights

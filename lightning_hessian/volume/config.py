@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -26,7 +26,7 @@ __all__ = [
 CostName = Literal["kl", "gaussian", "loss"]
 PreconditionerName = Literal["adam", "adam_exp_avg", "hessian_diag", "hessian_diag_hutchinson"]
 Measure = Literal["gaussian", "lebesgue"]
-PriorStd = Union[float, Mapping[str, float | Tensor]]
+PriorStd = float | Mapping[str, float | Tensor]
 
 
 def check_positive_float(value: Any, name: str, hint: str) -> float:

@@ -198,8 +198,8 @@ def local_volume(
 
     the radial integral by a second-order expansion at :math:`\min(t^*, r_i)` and
     ``torch.special.log_ndtr`` (:func:`log_radial_gaussian_integral`; measured error at most
-    0.08 nats at ``n = 50``, 0.03 at ``n = 400``, shrinking roughly like ``n^{-1/2}``). Everything is computed in log space in
-    float64; :math:`n\log r` is never exponentiated.
+    0.08 nats at ``n = 50``, 0.03 at ``n = 400``, shrinking roughly like ``n^{-1/2}``). Everything is computed in log
+    space in float64; :math:`n\log r` is never exponentiated.
 
     **Confidence.** The estimate of the volume is unbiased, its log is biased low (Jensen) and
     overestimates by ``log m`` with probability at most ``1/m`` (Markov), so a larger value from a
