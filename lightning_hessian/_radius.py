@@ -252,8 +252,8 @@ def find_radii(
         if not active:
             break
         xs = torch.tensor([searches[j].next_x for j in active], dtype=torch.float64)
-        costs = evaluate(torch.tensor(active, dtype=torch.long), torch.exp(xs))
-        costs = costs.detach().to("cpu", torch.float64).reshape(-1).tolist()
+        cost_tensor = evaluate(torch.tensor(active, dtype=torch.long), torch.exp(xs))
+        costs = cost_tensor.detach().to("cpu", torch.float64).reshape(-1).tolist()
         for j, x, c in zip(active, xs.tolist(), costs, strict=False):
             if math.isnan(c):
                 raise RadiusSearchNaNError(f"cost is NaN at t={math.exp(x):.6g}", j, math.exp(x))

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -206,7 +206,7 @@ def find_run(path: PathLike, format: SourceFormat = "auto") -> tuple[Literal["te
     raise FileNotFoundError(f"No {wanted[format]} under {str(root)!r}.")
 
 
-def _accumulator(path: Path):
+def _accumulator(path: Path) -> Any:  # tensorboard's EventAccumulator (untyped)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(
@@ -250,7 +250,7 @@ class _EpochLocator:
         return min(candidates, key=lambda c: abs(c[0] - wall))[1]
 
 
-def _epoch_locator(acc) -> _EpochLocator:
+def _epoch_locator(acc: Any) -> _EpochLocator:
     if "epoch" not in acc.Tags().get("scalars", []):
         return _EpochLocator([])
     return _EpochLocator([(e.wall_time, e.step, e.value) for e in acc.Scalars("epoch")])

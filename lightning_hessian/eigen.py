@@ -191,6 +191,7 @@ def _lanczos_run(
     ok = bound[pick] <= target(theta)[pick]
     exhausted = bool(result.breakdown[0]) or result.steps[0] >= dim
     ok = ok | torch.tensor(exhausted)  # invariant Krylov space: its Ritz pairs are exact
+    assert result.basis is not None  # lanczos() stores the basis by default
     basis = result.basis[0, : theta.numel()]
     coeffs = u[:, pick].to(device=basis.device, dtype=basis.dtype)
     vectors = (basis.t() @ coeffs).to(device=op.device, dtype=torch.float64)
@@ -227,10 +228,11 @@ def _top_lanczos(
         if found >= n:
             verified = True
             break
-        sub_op = op if found == 0 else _ComplementOperator(op, vectors, _far_shift(values, which))
+        complement = _ComplementOperator(op, vectors, _far_shift(values, which)) if found else None
+        sub_op = op if complement is None else complement
         start = torch.randn((n, 1), generator=generator, dtype=torch.float64).to(op.device)
-        if found:
-            start = sub_op.project(start)
+        if complement is not None:
+            start = complement.project(start)
         wanted = max(1, min(k - min(found, k), n - found))
         theta, vecs, ok, _, used = _lanczos_run(
             sub_op, start, wanted, which, tol, min(max_iter, n - found), basis_dtype, basis_device, n - found

@@ -205,17 +205,21 @@ def lanczos(
 
     def current(run: int, step: int) -> tuple[Tensor, Tensor | None]:
         if own_vectors:
+            assert q_work is not None and q_prev_work is not None  # allocated whenever own_vectors
             return q_work[run], (q_prev_work[run] if step > 0 else None)
+        assert basis is not None  # not own_vectors implies a stored basis
         return basis[run, step], (basis[run, step - 1] if step > 0 else None)
 
     for step in range(num_steps):
         idx = [r for r in range(num_runs) if active[r]]
         if not idx:
             break
-        if len(idx) == num_runs:
-            block = q_work if own_vectors else basis[:, step]
+        if own_vectors:
+            assert q_work is not None
+            block = q_work if len(idx) == num_runs else q_work[idx]
         else:
-            block = q_work[idx] if own_vectors else basis[idx, step]
+            assert basis is not None
+            block = basis[:, step] if len(idx) == num_runs else basis[idx, step]
         w = op.matmat(block.t().to(device)).to(basis_dtype)  # [n, a]: the one full-size working array
         del block
         hvps += len(idx)
@@ -241,6 +245,7 @@ def lanczos(
                 continue
             w_r.div_(beta)
             if own_vectors:
+                assert q_work is not None and q_prev_work is not None
                 q_prev_work[run].copy_(q_work[run])
                 q_work[run].copy_(w_r)
             if basis is not None and step + 1 < num_steps:

@@ -453,11 +453,16 @@ class CurvatureCallback(Callback):
                 "raised there); fix the configuration named in that message."
             )
         if failure is not None:
-            failure.add_note(
+            note = (
                 f"Raised by {type(self).__name__}'s dry run before the first training step (one "
                 "analysis micro-batch): the callback is misconfigured for this model/data; the "
                 "message above names the argument to change."
             )
+            if hasattr(failure, "add_note"):  # Python >= 3.11
+                failure.add_note(note)
+            else:  # Python 3.10 has no add_note: keep the note where 3.11+ does, and show it
+                vars(failure).setdefault("__notes__", []).append(note)
+                rank_zero_warn(note)
             raise failure
 
     # ------------------------------------------------------------------ guarded evaluation

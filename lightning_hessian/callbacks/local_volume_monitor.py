@@ -269,9 +269,9 @@ class LocalVolumeMonitor(CurvatureCallback):
                         f"`{name}` is only used with cost='loss' (got cost={cost!r}); to say how to "
                         "get the outputs from a batch, pass `output_fn=lambda model, batch: ...`."
                     )
-        for name, fn in (("output_fn", output_fn), ("mask_fn", mask_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
+        for name, hook in (("output_fn", output_fn), ("mask_fn", mask_fn)):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"`{name}` must be callable, got {type(hook).__name__}.")
         if data not in ("train", "val"):
             raise ValueError(f"`data` must be 'train' or 'val', got {data!r}.")
         if data == "val" and (dataset is not None or dataloader is not None):
@@ -307,7 +307,7 @@ class LocalVolumeMonitor(CurvatureCallback):
                 f"or None, got {preconditioner_eps!r}."
             )
         self.preconditioner_eps: float | str | None = (
-            preconditioner_eps if preconditioner_eps in (None, "auto") else float(preconditioner_eps)  # type: ignore[arg-type]
+            preconditioner_eps if preconditioner_eps in (None, "auto") else float(preconditioner_eps)
         )
         if measure not in ("gaussian", "lebesgue"):
             raise ValueError(f"`measure` must be 'gaussian' or 'lebesgue', got {measure!r}.")

@@ -52,8 +52,8 @@ def split_batch(batch: Any, at: int) -> tuple[Any, Any]:
         parts = {k: split_batch(v, at) for k, v in batch.items()}
         return {k: p[0] for k, p in parts.items()}, {k: p[1] for k, p in parts.items()}
     if isinstance(batch, (list, tuple)):
-        parts = [split_batch(v, at) for v in batch]
-        first, second = [p[0] for p in parts], [p[1] for p in parts]
+        pairs = [split_batch(v, at) for v in batch]
+        first, second = [p[0] for p in pairs], [p[1] for p in pairs]
         if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
             return type(batch)(*first), type(batch)(*second)
         return type(batch)(first), type(batch)(second)
