@@ -49,7 +49,7 @@ def _load_example():
 class SDPAModel(nn.Module):
     """Embedding -> one attention head pair through ``F.scaled_dot_product_attention`` -> logits."""
 
-    def __init__(self, causal: bool, dim: int = 6, heads: int = 2) -> None:
+    def __init__(self, causal: bool, dim: int = 4, heads: int = 2) -> None:
         super().__init__()
         self.causal, self.heads = causal, heads
         self.emb = nn.Embedding(VOCAB, dim)
@@ -75,7 +75,7 @@ class SDPAModel(nn.Module):
 class MHAModel(nn.Module):
     """``nn.MultiheadAttention`` (``need_weights=False``: SDPA; ``True``: explicit, the truth)."""
 
-    def __init__(self, dim: int = 6) -> None:
+    def __init__(self, dim: int = 4) -> None:
         super().__init__()
         self.emb = nn.Embedding(VOCAB, dim)
         self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
@@ -91,10 +91,10 @@ class MHAModel(nn.Module):
 class EncoderModel(nn.Module):
     """``nn.TransformerEncoderLayer`` (LayerNorms, SDPA self-attention, GELU MLP)."""
 
-    def __init__(self, dim: int = 6) -> None:
+    def __init__(self, dim: int = 4) -> None:
         super().__init__()
         self.emb = nn.Embedding(VOCAB, dim)
-        self.layer = nn.TransformerEncoderLayer(dim, 2, dim_feedforward=8, dropout=0.0, batch_first=True, activation="gelu")
+        self.layer = nn.TransformerEncoderLayer(dim, 2, dim_feedforward=6, dropout=0.0, batch_first=True, activation="gelu")
         self.out = nn.Linear(dim, VOCAB)
         self.explicit = False  # the truth runs SDPA on its math kernel (a composite of plain ops)
 
@@ -102,7 +102,7 @@ class EncoderModel(nn.Module):
         return self.out(self.layer(self.emb(ids)))
 
 
-def _token_data(seed: int = 0, batches: int = 2, batch_size: int = 3, seq_len: int = 5) -> list[tuple[Tensor, Tensor]]:
+def _token_data(seed: int = 0, batches: int = 2, batch_size: int = 2, seq_len: int = 4) -> list[tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(batches):
@@ -252,13 +252,13 @@ def test_token_weighting_gives_the_token_mean_hessian_on_padded_sequences():
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
     tokens = HessianOperator(model, ce, batches, batch_size_fn=valid_target_count)
-    dense = tokens.matmat(torch.eye(tokens.num_params, dtype=torch.float64))
-    assert (dense - hess).norm() <= 1e-10 * hess.norm()
-    top = top_eigenvalues(tokens, 1, tol=1e-10, seed=0).values[0].item()
+    v = torch.randn(tokens.num_params, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert (tokens.matmat(v) - hess @ v).norm() <= 1e-10 * (hess @ v).norm()
+    top = top_eigenvalues(tokens, 1, tol=1e-8, seed=0).values[0].item()
     assert abs(top - exact_top) <= 1e-3 * abs(exact_top)
 
     sequences = HessianOperator(model, ce, batches)  # default weight: sequences per micro-batch
-    seq_top = top_eigenvalues(sequences, 1, tol=1e-10, seed=0).values[0].item()
+    seq_top = top_eigenvalues(sequences, 1, tol=1e-8, seed=0).values[0].item()
     assert abs(seq_top - exact_top) >= 0.03 * abs(exact_top)  # several per cent off
 
 
@@ -309,10 +309,10 @@ def test_tiny_gpt_fit_with_both_monitors_logs_the_exact_top_eigenvalue():
     flags: list[bool] = []
     data = _padded_sequences()
     analysis = DataLoader(data, batch_size=5)  # micro-batches of 5, 5, 2 sequences, unequal token counts
-    hessian = HessianMonitor(dataloader=analysis, num_runs=2, num_steps=40, hvp_precision="float64", log_density=False)
+    hessian = HessianMonitor(dataloader=analysis, num_runs=1, num_steps=30, hvp_precision="float64", log_density=False)
     volume = LocalVolumeMonitor(dataloader=analysis, num_directions=4, mask_fn=lambda batch: batch[1] != -100)
     pl.seed_everything(0, verbose=False)
-    module = Module(VOCAB, 6, dim=6, layers=1, heads=2, lr=1e-2)
+    module = Module(VOCAB, 6, dim=4, layers=1, heads=2, lr=1e-2)
     trainer = pl.Trainer(callbacks=[hessian, volume], **trainer_kwargs(max_epochs=2))
     trainer.fit(module, DataLoader(data, batch_size=4, shuffle=True))
     assert trainer.current_epoch == 2 and flags and all(flags)  # training kept the fused kernel
@@ -320,7 +320,7 @@ def test_tiny_gpt_fit_with_both_monitors_logs_the_exact_top_eigenvalue():
     assert all(math.isfinite(row["log_volume"]) for row in volume.history)
 
     gpt = module.gpt
-    copy64 = example.TinyGPT(VOCAB, 6, dim=6, layers=1, heads=2).double()
+    copy64 = example.TinyGPT(VOCAB, 6, dim=4, layers=1, heads=2).double()
     copy64.load_state_dict({k: v.double() for k, v in gpt.state_dict().items()})
     copy64.explicit = False
     batches = [(ids, y) for ids, y in analysis]
