@@ -221,6 +221,18 @@ def test_fused_kernel_is_selected_outside_and_math_kernel_inside_the_analysis():
     assert after == before
 
 
+def test_interleaved_analysis_blocks_restore_the_selection():
+    """Blocks exited out of order (threads simulating ranks) leave the fused kernels selected."""
+    assert torch.backends.cuda.flash_sdp_enabled()
+    first, second = derivative_friendly_attention(), derivative_friendly_attention()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the outer block ends first
+    assert not torch.backends.cuda.flash_sdp_enabled()  # the second block is still running
+    second.__exit__(None, None, None)
+    assert torch.backends.cuda.flash_sdp_enabled()
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Token-weighted losses on padded sequences
 # --------------------------------------------------------------------------------------------
