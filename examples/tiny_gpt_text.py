@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_hessian.callbacks import HessianMonitor, LocalVolumeMonitor  # noqa: E402
+from lightning_hessian.callbacks import HessianMonitor, LocalVolumeMonitor
 
 OUTPUTS = Path(__file__).resolve().parent / "outputs"
 
