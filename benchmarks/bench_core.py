@@ -287,9 +287,9 @@ def profile_single(op: HessianOperator, mat: Tensor, calls: int = 40) -> None:
         return sum(v[3] for k, v in raw.items() if fragment in k[0] and k[2] == func) / calls
 
     parts = [
-        ("whole matmat (under cProfile)", cum("lightning_hessian/operator.py", "matmat")),
-        ("  _func_hvp (torch.func: vmap/jvp/grad)", cum("lightning_hessian/operator.py", "_func_hvp")),
-        ("    functional_call forward (incl. loss)", cum("lightning_hessian/operator.py", "loss_and_aux")),
+        ("whole matmat (under cProfile)", cum("lightning_hessian/operators/hessian.py", "matmat")),
+        ("  _func_hvp (torch.func: vmap/jvp/grad)", cum("lightning_hessian/operators/hessian.py", "_func_hvp")),
+        ("    functional_call forward (incl. loss)", cum("lightning_hessian/operators/hessian.py", "loss_and_aux")),
         (
             "    autograd engine (run_backward)",
             sum(v[3] for k, v in raw.items() if k[2] == "<method 'run_backward' of 'torch._C._EngineBase' objects>")
@@ -303,7 +303,7 @@ def profile_single(op: HessianOperator, mat: Tensor, calls: int = 40) -> None:
             / calls,
         ),
         ("    pytree flatten/unflatten", sum(v[2] for k, v in raw.items() if "torch/utils/_pytree" in k[0]) / calls),
-        ("  _guarded (state save/restore)", cum("lightning_hessian/operator.py", "preserved_model_state")),
+        ("  _guarded (state save/restore)", cum("lightning_hessian/operators/_state.py", "preserved_model_state")),
     ]
     print(f"\n    cProfile of func, 1 vector ({calls} calls; {total * 1e3:.2f} ms/call under the profiler):")
     for label, seconds in parts:

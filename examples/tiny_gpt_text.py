@@ -20,8 +20,8 @@ training keeps the fused one):
   averaged over positions; cutoff 1e-2 nats; Gaussian measure under the initialisation prior;
   Adam-preconditioned directions).
 
-Evaluations run every ``--steps-per-eval`` optimizer steps (an "epoch" is that many batches, via
-``limit_train_batches``; switch to ``every_n_train_steps`` once it is available).
+Evaluations run every ``--steps-per-eval`` optimizer steps (``every_n_train_steps``), for
+``--evaluations`` evaluations (``max_steps``).
 
     OMP_NUM_THREADS=2 python examples/tiny_gpt_text.py            # ~1 M params, a few minutes
     python examples/tiny_gpt_text.py --quick                      # smoke run (seconds)
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_hessian.callbacks import HessianMonitor, LocalVolumeMonitor  # noqa: E402
+from lightning_hessian.callbacks import HessianMonitor, LocalVolumeMonitor
 
 OUTPUTS = Path(__file__).resolve().parent / "outputs"
 
@@ -138,8 +138,7 @@ class TinyGPTModule(pl.LightningModule):
         self.save_hyperparameters()
         self.gpt = TinyGPT(vocab_size, seq_len, dim, layers, heads)
         self.lr = lr
-        self.epoch_losses: list[float] = []
-        self._step_losses: list[float] = []
+        self.step_losses: list[float] = []
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.gpt(ids)
@@ -148,12 +147,8 @@ class TinyGPTModule(pl.LightningModule):
         ids, targets = batch
         logits = self(ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        self._step_losses.append(float(loss.detach()))
+        self.step_losses.append(float(loss.detach()))
         return loss
-
-    def on_train_epoch_end(self) -> None:
-        self.epoch_losses.append(sum(self._step_losses) / max(1, len(self._step_losses)))
-        self._step_losses = []
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -177,12 +172,16 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
         f"{len(data):,} windows; analysis set {args.analysis_sequences} windows "
         f"({args.analysis_sequences * args.seq_len:,} tokens)"
     )
-    common = dict(max_samples=args.analysis_sequences, analysis_batch_size=args.analysis_batch_size, seed=args.seed)
+    common = dict(
+        max_samples=args.analysis_sequences,
+        analysis_batch_size=args.analysis_batch_size,
+        seed=args.seed,
+        every_n_train_steps=args.steps_per_eval,
+    )
     hessian = HessianMonitor(num_runs=args.num_runs, num_steps=args.num_steps, log_density=False, **common)
     volume = LocalVolumeMonitor(num_directions=args.num_directions, **common)
     trainer = pl.Trainer(
-        max_epochs=args.evaluations,
-        limit_train_batches=args.steps_per_eval,
+        max_steps=args.evaluations * args.steps_per_eval,
         callbacks=[hessian, volume],
         accelerator="cpu",
         devices=1,
@@ -196,11 +195,12 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     print(f"total wall time {time.perf_counter() - start:.0f} s")
     rows = []
     for h, v in zip(hessian.history, volume.history):
-        epoch = int(h["epoch"])
+        step = int(h["step"])
+        recent = module.step_losses[max(0, step - args.steps_per_eval) : step]
         rows.append(
             {
-                "step": float((epoch + 1) * args.steps_per_eval),
-                "train_loss": module.epoch_losses[epoch],
+                "step": float(step),
+                "train_loss": sum(recent) / max(1, len(recent)),
                 "trace": h["trace"],
                 "trace_stderr": h["trace_stderr"],
                 "top_eigenvalue": h["top_eigenvalue"],

@@ -126,17 +126,22 @@ def load_records(out_dir: str | Path, world_size: int) -> list[dict[str, Any]]:
 
 
 class RankPoisonedModule(DigitsModule):
-    """Eval-mode outputs (only the analysis runs in eval mode) are NaN on one rank at one epoch."""
+    """On one rank only, eval-mode outputs (only the analysis runs in eval mode) are NaN at one
+    epoch, and the eval-mode forward raises an arbitrary (non-numerical) exception at another."""
 
-    def __init__(self, poison_rank: int = 1, poison_epoch: int = 1, **kwargs: Any) -> None:
+    def __init__(self, poison_rank: int = 1, poison_epoch: int = 1, raise_epoch: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.poison_rank = poison_rank
         self.poison_at = poison_epoch
+        self.raise_at = raise_epoch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
-        if not self.training and self.global_rank == self.poison_rank and self.current_epoch == self.poison_at:
-            out = out * math.nan
+        if not self.training and self.global_rank == self.poison_rank:
+            if self.current_epoch == self.poison_at:
+                out = out * math.nan
+            if self.current_epoch == self.raise_at:
+                raise KeyError("injected failure on one rank")
         return out
 
 
@@ -209,7 +214,7 @@ def digits_module(**kwargs: Any) -> DigitsModule:
 
 
 def poisoned_module() -> RankPoisonedModule:
-    return RankPoisonedModule(poison_rank=1, poison_epoch=1, hidden=16, dropout=0.2, optimizer="adam", lr=0.03)
+    return RankPoisonedModule(poison_rank=1, poison_epoch=1, raise_epoch=2, hidden=16, dropout=0.2, optimizer="adam", lr=0.03)
 
 
 SCENARIO_EPOCHS = {

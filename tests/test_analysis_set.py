@@ -123,7 +123,7 @@ def _monitors(**common):
 
 
 def _values(history):
-    return [{k: v for k, v in row.items() if k not in ("seconds", "epoch")} for row in history]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "epoch", "step", "overhead")} for row in history]
 
 
 def _same(a: float, b: float) -> bool:

@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_hessian.callbacks import HessianMonitor, LocalVolumeMonitor
-from tests.lightning_helpers import DigitsModule, digits_dataset, digits_loader, trainer_kwargs
+from tests.lightning_helpers import (
+    DigitsModule,
+    digits_dataset,
+    digits_loader,
+    trainer_kwargs,
+)
 
 
 class CountingModule(DigitsModule):

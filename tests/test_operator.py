@@ -260,7 +260,7 @@ def test_num_hvps_counting(small_problem):
     for reported, actual in [
         spent(lambda: hessian_trace(op, num_probes=7, batch_size=3)),
         spent(lambda: hessian_trace(op, method="hutch++", num_probes=10)),
-        spent(lambda: hessian_trace(op, rel_tol=0.5, min_probes=4, batch_size=4, max_probes=12)),
+        spent(lambda: hessian_trace(op, rel_tol=0.5, min_probes=30, batch_size=10, max_probes=40)),
         spent(lambda: top_eigenvalues(op, k=2, max_iter=9)),
         spent(lambda: top_eigenvalues(op, k=1, method="power", max_iter=6)),
         spent(lambda: spectral_density(op, num_runs=2, num_steps=5)),
@@ -582,7 +582,7 @@ BAD_CALLS = [
     ("tols=0", lambda: hessian_trace(_OP, rel_tol=0.0, abs_tol=0.0), ValueError, "`rel_tol`"),
     ("fixed+adaptive", lambda: hessian_trace(_OP, num_probes=5, rel_tol=0.1), ValueError, "`num_probes`"),
     ("min_probes", lambda: hessian_trace(_OP, rel_tol=0.1, min_probes=1), ValueError, "`min_probes`"),
-    ("max_probes", lambda: hessian_trace(_OP, rel_tol=0.1, min_probes=10, max_probes=5), ValueError, "`max_probes`"),
+    ("max_probes", lambda: hessian_trace(_OP, rel_tol=0.1, min_probes=30, max_probes=5), ValueError, "`max_probes`"),
     ("hutch++-adaptive", lambda: hessian_trace(_OP, method="hutch++", rel_tol=0.1), ValueError, "`rel_tol`"),
     ("trace-seed", lambda: hessian_trace(_OP, seed=1.5), TypeError, "`seed`"),
     ("level", lambda: _ESTIMATE.confidence_interval(1.5), ValueError, "`level`"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +77,22 @@ def _analysis_mode(model: nn.Module, train_mode_batchnorm: bool) -> Iterator[Non
         attention.__exit__(None, None, None)
 
 
+_attention_lock = threading.Lock()
+_attention_depth = 0
+_attention_context: contextlib.AbstractContextManager[Any] | None = None
+
+
+def _math_only_attention() -> contextlib.AbstractContextManager[Any]:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        cuda_ctx = getattr(torch.backends.cuda, "sdp_kernel", None)
+        if cuda_ctx is None:
+            return contextlib.nullcontext()
+        return cuda_ctx(enable_flash=False, enable_math=True, enable_mem_efficient=False)
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 @contextlib.contextmanager
 def derivative_friendly_attention() -> Iterator[None]:
     """Route ``scaled_dot_product_attention`` to the math kernel inside the block.
@@ -83,18 +101,26 @@ def derivative_friendly_attention() -> Iterator[None]:
     neither forward-mode AD nor double backward, so Hessian-vector products through them raise
     ``NotImplementedError``. The math kernel supports both. Its memory is quadratic in the
     sequence length (``batch x heads x T x T`` attention weights per vmapped vector): bound it with
-    the analysis micro-batch size. The selection is thread-local and restored on exit, so training
-    outside the block keeps its fast kernels.
+    the analysis micro-batch size.
+
+    torch's backend selection is process-global (not thread-local), so blocks entered from
+    several threads (e.g. simulated ranks) could restore each other's saved flags in the wrong
+    order. Blocks are therefore counted: the outermost entry selects the math kernel, the last
+    exit restores the selection found at that entry, whatever the interleaving. Training outside
+    every block keeps its fast kernels.
     """
+    global _attention_depth, _attention_context
+    with _attention_lock:
+        if _attention_depth == 0:
+            context = _math_only_attention()
+            context.__enter__()
+            _attention_context = context
+        _attention_depth += 1
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3
-        cuda_ctx = getattr(torch.backends.cuda, "sdp_kernel", None)
-        if cuda_ctx is None:
-            yield
-            return
-        with cuda_ctx(enable_flash=False, enable_math=True, enable_mem_efficient=False):
-            yield
-        return
-    with sdpa_kernel([SDPBackend.MATH]):
         yield
+    finally:
+        with _attention_lock:
+            _attention_depth -= 1
+            if _attention_depth == 0 and _attention_context is not None:
+                context, _attention_context = _attention_context, None
+                context.__exit__(None, None, None)

@@ -78,8 +78,9 @@ class HessianOperator:
             touched. Removes the float32 rounding floor (~1e-7 relative) of the products, e.g. to
             resolve eigenvalues to 1e-6 and better on small models. Default: the parameters' dtype,
             except float32 for float16/bfloat16 models (``Trainer(precision="bf16-true")``: half
-            precision HVPs lose ~3 digits and overflow). Floating inputs are always cast to the
-            products' dtype (float32 data for a ``"64-true"`` or ``"bf16-true"`` model).
+            precision HVPs lose ~3 digits and overflow). Floating inputs follow the model: they are
+            rounded to the parameters' dtype (as a ``"bf16-true"``/``"64-true"`` Trainer feeds
+            them in training), then cast to the products' dtype.
         max_batched_vectors: At most this many vectors are pushed through one vmapped product
             (bounds activation memory, ``k`` times one batch's); ``None`` means all at once.
         device: Where batches are moved; defaults to the device of the first trainable parameter.
@@ -298,7 +299,7 @@ class HessianOperator:
         count = 0
         for batch in self.data:
             # floating inputs follow the dtype of the products (e.g. float32 data, bf16-true model)
-            moved = _cast_floats(_move(batch, self.device), self.dtype)
+            moved = _cast_floats(_cast_floats(_move(batch, self.device), self._params[0].dtype), self.dtype)
             weight = float(self.batch_size_fn(moved))
             if not math.isfinite(weight) or weight < 0:
                 raise ValueError(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_hessian.operators._batches import _cast_floats
 from lightning_hessian.volume.result import VolumeComputationError
 
 __all__ = ["CostEvaluator", "CostFn", "default_output_fn"]
@@ -89,7 +90,19 @@ class CostEvaluator:
         self.names = names
         self.params = params
         self.device = params[0].device
-        self.dtype = params[0].dtype
+        # Forward passes of float16/bfloat16 models run on float32 copies (Trainer precision
+        # "bf16-true"/"16-true"): parameters, buffers and frozen parameters are cast, the model
+        # itself is untouched; floating inputs are rounded to the model's dtype, then cast.
+        self.model_dtype = params[0].dtype
+        self.dtype = torch.float32 if self.model_dtype in (torch.float16, torch.bfloat16) else self.model_dtype
+        self.constants: dict[str, Tensor] = {}
+        if self.dtype != self.model_dtype:
+            trainable = {id(p) for p in params}
+            self.constants = {
+                f"model.{name}": t.detach().to(self.dtype)
+                for name, t in [*model.named_parameters(), *model.named_buffers()]
+                if t is not None and id(t) not in trainable and torch.is_floating_point(t)
+            }
         self.shapes = [p.shape for p in params]
         self.numels = [p.numel() for p in params]
         self.wrapper = _Forward(model, batch_loss if cost == "loss" else output_fn)  # type: ignore[arg-type]
@@ -128,8 +141,23 @@ class CostEvaluator:
 
     # ------------------------------------------------------------------ anchor
 
+    def _forward_at_anchor(self, batch: Any) -> Any:
+        if self.dtype == self.model_dtype:
+            return self.wrapper(batch)
+        cast = {name: p.detach().to(self.dtype) for name, p in zip(self.prefixed, self.params)}
+        return torch.func.functional_call(self.wrapper, {**self.constants, **cast}, (batch,))
+
+    def forward_with_grad_leaves(self, batch: Any) -> tuple[Any, list[Tensor]]:
+        """Outputs at the anchor and the leaves to differentiate them by (cast copies for half models)."""
+        if self.dtype == self.model_dtype:
+            return self.wrapper(batch), list(self.params)
+        cast = {name: p.detach().to(self.dtype).requires_grad_(True) for name, p in zip(self.prefixed, self.params)}
+        out = torch.func.functional_call(self.wrapper, {**self.constants, **cast}, (batch,))
+        return out, list(cast.values())
+
     def _anchor(self, batch: Any, mask_fn: Any, batch_size_fn: Callable[[Any], float]) -> _Batch:
-        out = self.wrapper(batch)
+        batch = _cast_floats(_cast_floats(batch, self.model_dtype), self.dtype)
+        out = self._forward_at_anchor(batch)
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"The model/`output_fn` must return a Tensor, got {type(out).__name__}; pass "
@@ -245,7 +273,7 @@ class CostEvaluator:
         wrapper = self.wrapper
 
         def one(pdict: dict[str, Tensor]) -> Tensor:
-            out = torch.func.functional_call(wrapper, pdict, (entry.batch,))
+            out = torch.func.functional_call(wrapper, {**self.constants, **pdict}, (entry.batch,))
             return self._cost_sum(out, entry)
 
         if self._vmap_ok is not False:

@@ -47,12 +47,12 @@ def _zero_jacobian_columns(
     try:
         with torch.enable_grad():
             for entry in evaluator.batches:
-                out = evaluator.wrapper(entry.batch)
+                out, leaves = evaluator.forward_with_grad_leaves(entry.batch)
                 if evaluator.cost == "kl":
                     out = torch.log_softmax(out.to(torch.float64), dim=-1)
                 out = out.to(torch.float64)
                 weights = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
-                grads = torch.autograd.grad((out * weights).sum(), evaluator.params, allow_unused=True)
+                grads = torch.autograd.grad((out * weights).sum(), leaves, allow_unused=True)
                 total += torch.cat(
                     [
                         torch.zeros(p.numel(), dtype=torch.float64, device=evaluator.device)

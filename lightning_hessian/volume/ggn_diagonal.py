@@ -64,7 +64,7 @@ def _squared_rows(evaluator: CostEvaluator, params: dict[str, Tensor], kl: bool,
         batch = tree_unflatten(leaves, spec)
 
         def forward(p: dict[str, Tensor]) -> Tensor:
-            return torch.func.functional_call(evaluator.wrapper, p, (batch,))
+            return torch.func.functional_call(evaluator.wrapper, {**evaluator.constants, **p}, (batch,))
 
         primal = torch.func.vjp(forward, params)
         out, vjp_fn = primal[0], primal[1]
@@ -138,7 +138,7 @@ def ggn_diagonal(
             "(noisy) or 'adam'."
         )
     kl = evaluator.cost == "kl"
-    params = {name: p.detach() for name, p in zip(evaluator.prefixed, evaluator.params)}
+    params = {name: p.detach().to(evaluator.dtype) for name, p in zip(evaluator.prefixed, evaluator.params)}
     n = sum(evaluator.numels)
     total = torch.zeros(n, dtype=torch.float64, device=evaluator.device)
     rows = 0
