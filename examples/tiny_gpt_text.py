@@ -133,7 +133,9 @@ class TinyGPT(nn.Module):
 
 
 class TinyGPTModule(pl.LightningModule):
-    def __init__(self, vocab_size: int, seq_len: int, dim: int = 144, layers: int = 4, heads: int = 4, lr: float = 3e-3) -> None:
+    def __init__(
+        self, vocab_size: int, seq_len: int, dim: int = 144, layers: int = 4, heads: int = 4, lr: float = 3e-3
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.gpt = TinyGPT(vocab_size, seq_len, dim, layers, heads)

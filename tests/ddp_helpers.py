@@ -129,7 +129,9 @@ class RankPoisonedModule(DigitsModule):
     """On one rank only, eval-mode outputs (only the analysis runs in eval mode) are NaN at one
     epoch, and the eval-mode forward raises an arbitrary (non-numerical) exception at another."""
 
-    def __init__(self, poison_rank: int = 1, poison_epoch: int = 1, raise_epoch: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, poison_rank: int = 1, poison_epoch: int = 1, raise_epoch: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.poison_rank = poison_rank
         self.poison_at = poison_epoch
@@ -214,7 +216,9 @@ def digits_module(**kwargs: Any) -> DigitsModule:
 
 
 def poisoned_module() -> RankPoisonedModule:
-    return RankPoisonedModule(poison_rank=1, poison_epoch=1, raise_epoch=2, hidden=16, dropout=0.2, optimizer="adam", lr=0.03)
+    return RankPoisonedModule(
+        poison_rank=1, poison_epoch=1, raise_epoch=2, hidden=16, dropout=0.2, optimizer="adam", lr=0.03
+    )
 
 
 SCENARIO_EPOCHS = {

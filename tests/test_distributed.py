@@ -376,7 +376,9 @@ def test_nan_on_one_rank_no_hang_nan_logged_training_continues(ddp_scenarios):
 
 def test_sharp_drop_stops_every_rank_at_the_same_epoch(ddp_scenarios, tmp_path):
     records = ddp_scenarios["records"]["sharp_drop"]
-    single = fit(tmp_path, [sharp_drop_monitor()], digits_module, devices=1, max_epochs=SCENARIO_EPOCHS["sharp_drop"])[0]
+    single = fit(tmp_path, [sharp_drop_monitor()], digits_module, devices=1, max_epochs=SCENARIO_EPOCHS["sharp_drop"])[
+        0
+    ]
     expected_stop = DROP_EPOCH + 1  # window=1, confirm=1: confirmed one evaluation after the drop
     assert single["stopped_epochs"]["HessianMonitor"] == expected_stop
     assert single["current_epoch"] == expected_stop + 1 < SCENARIO_EPOCHS["sharp_drop"]
@@ -387,7 +389,9 @@ def test_sharp_drop_stops_every_rank_at_the_same_epoch(ddp_scenarios, tmp_path):
         assert record["global_step"] == records[0]["global_step"]
         history = record["histories"]["HessianMonitor"]
         assert [row["trace_sharp_drop"] for row in history] == [0.0] * expected_stop + [1.0]
-        assert history[-1]["trace_sharp_drop_epoch"] == single["histories"]["HessianMonitor"][-1]["trace_sharp_drop_epoch"]
+        assert (
+            history[-1]["trace_sharp_drop_epoch"] == single["histories"]["HessianMonitor"][-1]["trace_sharp_drop_epoch"]
+        )
     _assert_ranks_identical(records, "HessianMonitor")
 
 

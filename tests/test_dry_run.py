@@ -83,12 +83,40 @@ def _fit(module, callbacks, loaders, **overrides) -> pl.Trainer:
 @pytest.mark.parametrize(
     ("make_monitor", "loaders", "error", "names"),
     [
-        pytest.param(_small_hessian, lambda: DataLoader(DictDigits(), batch_size=32), TypeError, "batch_loss", id="dict-batches-hessian"),
-        pytest.param(_small_volume, lambda: DataLoader(DictDigits(), batch_size=32), TypeError, "output_fn", id="dict-batches-volume"),
-        pytest.param(_small_hessian, lambda: DataLoader(StreamingDigits(), batch_size=32), ValueError, "max_samples", id="iterable-hessian"),
-        pytest.param(_small_volume, lambda: DataLoader(StreamingDigits(), batch_size=32), ValueError, "max_samples", id="iterable-volume"),
         pytest.param(
-            _small_hessian, lambda: [digits_loader(32, 128), digits_loader(32, 128)], ValueError, "`dataset=`", id="two-loaders"
+            _small_hessian,
+            lambda: DataLoader(DictDigits(), batch_size=32),
+            TypeError,
+            "batch_loss",
+            id="dict-batches-hessian",
+        ),
+        pytest.param(
+            _small_volume,
+            lambda: DataLoader(DictDigits(), batch_size=32),
+            TypeError,
+            "output_fn",
+            id="dict-batches-volume",
+        ),
+        pytest.param(
+            _small_hessian,
+            lambda: DataLoader(StreamingDigits(), batch_size=32),
+            ValueError,
+            "max_samples",
+            id="iterable-hessian",
+        ),
+        pytest.param(
+            _small_volume,
+            lambda: DataLoader(StreamingDigits(), batch_size=32),
+            ValueError,
+            "max_samples",
+            id="iterable-volume",
+        ),
+        pytest.param(
+            _small_hessian,
+            lambda: [digits_loader(32, 128), digits_loader(32, 128)],
+            ValueError,
+            "`dataset=`",
+            id="two-loaders",
         ),
         pytest.param(
             lambda: _small_hessian(loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none")),
@@ -152,7 +180,9 @@ def test_correct_configuration_dry_run_leaves_training_untouched():
 def test_exception_in_a_later_evaluation_warns_logs_nan_and_training_continues(make_monitor):
     module = CountingModule(hidden=8, fail_epoch=1)
     monitor = make_monitor()
-    with pytest.warns(UserWarning, match=r"failed at epoch 1 \(RuntimeError: injected failure in the analysis forward pass\)"):
+    with pytest.warns(
+        UserWarning, match=r"failed at epoch 1 \(RuntimeError: injected failure in the analysis forward pass\)"
+    ):
         trainer = _fit(module, [monitor], digits_loader(32, 128), max_epochs=3)
     assert trainer.current_epoch == 3 and module.steps == 12
     key = "trace" if isinstance(monitor, HessianMonitor) else "log_volume"

@@ -67,7 +67,12 @@ def _fit(module, monitors, loader, precision: str) -> pl.Trainer:
 
 @pytest.mark.parametrize(
     ("precision", "param_dtype"),
-    [("bf16-true", torch.bfloat16), ("16-true", torch.float16), ("64-true", torch.float64), ("bf16-mixed", torch.float32)],
+    [
+        ("bf16-true", torch.bfloat16),
+        ("16-true", torch.float16),
+        ("64-true", torch.float64),
+        ("bf16-mixed", torch.float32),
+    ],
 )
 def test_digits_mlp_float_inputs_each_precision(precision, param_dtype):
     data = digits_dataset(64)

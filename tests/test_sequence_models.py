@@ -94,7 +94,9 @@ class EncoderModel(nn.Module):
     def __init__(self, dim: int = 4) -> None:
         super().__init__()
         self.emb = nn.Embedding(VOCAB, dim)
-        self.layer = nn.TransformerEncoderLayer(dim, 2, dim_feedforward=6, dropout=0.0, batch_first=True, activation="gelu")
+        self.layer = nn.TransformerEncoderLayer(
+            dim, 2, dim_feedforward=6, dropout=0.0, batch_first=True, activation="gelu"
+        )
         self.out = nn.Linear(dim, VOCAB)
         self.explicit = False  # the truth runs SDPA on its math kernel (a composite of plain ops)
 
@@ -117,7 +119,9 @@ def _token_mean_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> 
     loss = 0.0
     for ids, y in batches:
         logits = model(ids)
-        loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum", ignore_index=-100)
+        loss = loss + F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum", ignore_index=-100
+        )
     return loss / total
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 __all__ = ["derivative_friendly_attention", "preserved_model_state"]
 
+
 def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
     cuda_states = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -35,9 +36,7 @@ def preserved_model_state(model: nn.Module, *, buffers: bool = True) -> Iterator
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    saved_buffers = (
-        [(b, b.detach().clone()) for b in model.buffers() if b is not None] if buffers else []
-    )
+    saved_buffers = [(b, b.detach().clone()) for b in model.buffers() if b is not None] if buffers else []
     rng = _rng_state()
     try:
         yield

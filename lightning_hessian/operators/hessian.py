@@ -28,6 +28,7 @@ __all__ = ["Backend", "HessianOperator"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
+
 class HessianOperator:
     r"""Hessian of a model's size-weighted mean loss over a data set, as a linear operator.
 
@@ -158,7 +159,9 @@ class HessianOperator:
         self.train_mode_batchnorm = bool(train_mode_batchnorm)
         self.max_batched_vectors = max_batched_vectors
         self.func_min_vectors = func_min_vectors
-        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        if compute_dtype is not None and not (
+            isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+        ):
             raise ValueError(f"`compute_dtype` must be a floating torch.dtype or None, got {compute_dtype!r}.")
         self.compute_dtype = compute_dtype
         self.cache_batches = bool(cache_batches)
@@ -264,9 +267,7 @@ class HessianOperator:
 
     def unflatten(self, vector: Tensor) -> list[Tensor]:
         """Split a flat vector into views shaped like the trainable parameters."""
-        return [
-            vector[self._offsets[i] : self._offsets[i + 1]].view_as(p) for i, p in enumerate(self._params)
-        ]
+        return [vector[self._offsets[i] : self._offsets[i + 1]].view_as(p) for i, p in enumerate(self._params)]
 
     def parameters(self) -> list[Tensor]:
         """The trainable parameters, in the order of the flat vectors."""

@@ -23,6 +23,7 @@ __all__ = ["CostEvaluator", "CostFn", "default_output_fn"]
 
 CostFn = Callable[[Tensor, Tensor, Any], Tensor]
 
+
 def default_output_fn(model: nn.Module, batch: Any) -> Tensor:
     if isinstance(batch, (list, tuple)):
         return model(batch[0])
@@ -38,6 +39,7 @@ def _reduce_cost_numel(tensor: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return tensor.sum()
     return (tensor * mask).sum()
+
 
 class _Forward(nn.Module):
     """``forward(batch) = fn(model, batch)`` so that ``functional_call`` can swap parameters."""
@@ -165,9 +167,7 @@ class CostEvaluator:
             )
         if self.cost == "loss":
             if out.numel() != 1:
-                raise TypeError(
-                    f"The loss must be a scalar (a mean over the batch), got shape {tuple(out.shape)}."
-                )
+                raise TypeError(f"The loss must be a scalar (a mean over the batch), got shape {tuple(out.shape)}.")
             loss = float(out)
             if not math.isfinite(loss):
                 raise VolumeComputationError(f"The loss at the anchor is {loss} on an analysis batch.")
@@ -190,7 +190,9 @@ class CostEvaluator:
             anchor = out.detach()
             value = self.cost(anchor, anchor, batch)
             if not isinstance(value, Tensor) or not torch.is_floating_point(value):
-                raise TypeError("A custom `cost(outputs, anchor_outputs, batch)` must return a floating tensor of per-example costs.")
+                raise TypeError(
+                    "A custom `cost(outputs, anchor_outputs, batch)` must return a floating tensor of per-example costs."
+                )
             return _Batch(batch, anchor, None, float(value.numel()))
         if self.cost == "kl":
             if out.ndim < 2:
@@ -258,7 +260,9 @@ class CostEvaluator:
         offset = 0
         count = directions.shape[0]
         for name, shape, numel in zip(self.prefixed, self.shapes, self.numels):
-            block = torch.addcmul(theta[offset : offset + numel].unsqueeze(0), t.unsqueeze(1), directions[:, offset : offset + numel])
+            block = torch.addcmul(
+                theta[offset : offset + numel].unsqueeze(0), t.unsqueeze(1), directions[:, offset : offset + numel]
+            )
             out[name] = block.to(self.dtype).reshape(count, *shape)
             offset += numel
         return out
@@ -314,4 +318,3 @@ class CostEvaluator:
         if float(packed[-1]) > 0:
             raise VolumeComputationError("Another process failed while evaluating the local-volume cost.")
         return (packed[:count] / self.total_weight).cpu()
-

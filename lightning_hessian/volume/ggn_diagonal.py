@@ -71,7 +71,9 @@ def _squared_rows(evaluator: CostEvaluator, params: dict[str, Tensor], kl: bool,
         cot = _cotangent_rows(anchor, mask, kl)
         cot = cot.reshape(cot.shape[0], *out.shape).to(out.dtype)
         grads = torch.func.vmap(vjp_fn)(cot)[0]
-        return torch.cat([grads[name].reshape(cot.shape[0], -1).to(torch.float64).pow(2).sum(0) for name in evaluator.prefixed])
+        return torch.cat(
+            [grads[name].reshape(cot.shape[0], -1).to(torch.float64).pow(2).sum(0) for name in evaluator.prefixed]
+        )
 
     return one
 
@@ -164,4 +166,3 @@ def ggn_diagonal(
     if not bool(torch.isfinite(total).all()):
         raise VolumeComputationError("The Gauss-Newton diagonal has non-finite entries at the anchor.")
     return total / evaluator.total_weight, rows
-
