@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     trainer.fit(module, DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True))
     print(f"total wall time {time.perf_counter() - start:.0f} s")
     rows = []
-    for h, v in zip(hessian.history, volume.history):
+    for h, v in zip(hessian.history, volume.history, strict=False):
         step = int(h["step"])
         recent = module.step_losses[max(0, step - args.steps_per_eval) : step]
         rows.append(
@@ -215,12 +215,16 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
 
 
 def print_table(rows: list[dict[str, float]]) -> None:
-    header = f"{'step':>6} {'loss':>6} {'trace':>12} {'±stderr':>10} {'lambda_max':>11} {'log P(S)':>12} {'hess s':>7} {'vol s':>7}"
+    header = (
+        f"{'step':>6} {'loss':>6} {'trace':>12} {'±stderr':>10} {'lambda_max':>11} "
+        f"{'log P(S)':>12} {'hess s':>7} {'vol s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{int(r['step']):>6} {r['train_loss']:>6.3f} {r['trace']:>12.4g} {r['trace_stderr']:>10.2g} {r['top_eigenvalue']:>11.4g} "
+            f"{int(r['step']):>6} {r['train_loss']:>6.3f} {r['trace']:>12.4g} {r['trace_stderr']:>10.2g} "
+            f"{r['top_eigenvalue']:>11.4g} "
             f"{r['log_volume']:>12.6g} {r['hessian_seconds']:>7.1f} {r['volume_seconds']:>7.1f}"
         )
 
@@ -237,7 +241,10 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(10, 2.8), dpi=80)
     for ax, key, title in zip(
-        axes, ("trace", "top_eigenvalue", "log_volume"), ("Hessian trace", "top eigenvalue", "log-volume (log P)")
+        axes,
+        ("trace", "top_eigenvalue", "log_volume"),
+        ("Hessian trace", "top eigenvalue", "log-volume (log P)"),
+        strict=False,
     ):
         ax.plot(steps, [r[key] for r in rows], marker="o")
         ax.set_title(title)

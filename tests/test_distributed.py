@@ -9,8 +9,8 @@ Two launches serve every DDP test (each costs two fresh Python processes, the bu
 * ``ddp_scenarios``: ``python -m tests.ddp_helpers`` in a subprocess with a wall-clock timeout,
   under ``strategy="ddp"`` (Lightning re-launches the command for rank 1), running in turn: both
   monitors, no monitor (bit-identical weights), a NaN on rank 1 only, a forced sharp drop with
-  ``stop_on_sharp_drop=True``, a one-sample analysis set (rank 1's shard is empty). Every collective also times out after 60 s
-  (``DDPStrategy(timeout=...)``), so a deadlock fails the test instead of hanging it.
+  ``stop_on_sharp_drop=True``, a one-sample analysis set (rank 1's shard is empty). Every collective also times out
+  after 60 s (``DDPStrategy(timeout=...)``), so a deadlock fails the test instead of hanging it.
 """
 
 from __future__ import annotations
@@ -131,13 +131,13 @@ def _assert_ranks_identical(records: list[dict[str, Any]], monitor: str) -> None
     first, *others = records
     for other in others:
         assert len(other["histories"][monitor]) == len(first["histories"][monitor])
-        for row0, row in zip(first["histories"][monitor], other["histories"][monitor]):
+        for row0, row in zip(first["histories"][monitor], other["histories"][monitor], strict=False):
             assert row.keys() == row0.keys()
             for key in row0:
                 if key not in PER_RANK_KEYS:
                     assert _same(row[key], row0[key]), (monitor, key, row0[key], row[key])
         assert len(other["logged"]) == len(first["logged"])
-        for logged0, logged in zip(first["logged"], other["logged"]):
+        for logged0, logged in zip(first["logged"], other["logged"], strict=False):
             assert logged.keys() == logged0.keys()
             for key in logged0:
                 if not key.endswith(PER_RANK_KEYS):
@@ -146,7 +146,7 @@ def _assert_ranks_identical(records: list[dict[str, Any]], monitor: str) -> None
 
 def _assert_weights_identical(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
     assert len(a) == len(b)
-    for epoch, (sa, sb) in enumerate(zip(a, b)):
+    for epoch, (sa, sb) in enumerate(zip(a, b, strict=False)):
         assert sa.keys() == sb.keys()
         for key in sa:
             assert torch.equal(sa[key], sb[key]), (epoch, key)
@@ -154,7 +154,7 @@ def _assert_weights_identical(a: list[dict[str, torch.Tensor]], b: list[dict[str
 
 def _assert_optimizer_states_identical(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
     assert len(a) == len(b)
-    for sa, sb in zip(a, b):
+    for sa, sb in zip(a, b, strict=False):
         assert sa["state"].keys() == sb["state"].keys()
         for index, state in sa["state"].items():
             for name, value in state.items():

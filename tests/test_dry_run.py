@@ -173,7 +173,7 @@ def test_correct_configuration_dry_run_leaves_training_untouched():
 
     plain = final_weights([])
     monitored = final_weights([_small_hessian(every_n_epochs=5), _small_volume(every_n_epochs=5)])
-    assert all(torch.equal(a, b) for a, b in zip(plain, monitored))
+    assert all(torch.equal(a, b) for a, b in zip(plain, monitored, strict=True))
 
 
 @pytest.mark.parametrize("make_monitor", [_small_hessian, _small_volume], ids=["hessian", "volume"])

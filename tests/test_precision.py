@@ -39,7 +39,7 @@ def _exact_top_eigenvalue(model: nn.Module, batches, loss_of_logits) -> float:
             params[name] = flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         out = 0.0
-        for (x, y), w in zip(batches, weights):
+        for (x, y), w in zip(batches, weights, strict=False):
             x = x.double() if torch.is_floating_point(x) else x
             out = out + loss_of_logits(torch.func.functional_call(m64, params, (x,)), y) * (w / total)
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -226,7 +226,7 @@ class HessianOperator:
         if self.compute_dtype is None or self.compute_dtype == self._params[0].dtype:
             return self._wrapper(batch)
         constants, batch = self._compute_dtype_inputs(batch)
-        params = {name: p.detach().to(self.compute_dtype) for name, p in zip(self._names, self._params)}
+        params = {name: p.detach().to(self.compute_dtype) for name, p in zip(self._names, self._params, strict=True)}
         return torch.func.functional_call(self._wrapper, {**constants, **params}, (batch,))
 
     @property
@@ -332,13 +332,14 @@ class HessianOperator:
         constants, batch = self._compute_dtype_inputs(batch)
 
         def loss_and_aux(params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-            loss = torch.func.functional_call(wrapper, {**constants, **dict(zip(names, params))}, (batch,))
+            loss = torch.func.functional_call(wrapper, {**constants, **dict(zip(names, params, strict=True))}, (batch,))
             return loss, loss.detach()
 
         grad_fn = torch.func.grad(loss_and_aux, has_aux=True)
 
         def hvp_one(tangent: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Tensor]:
-            _, hvp, loss = torch.func.jvp(grad_fn, (primals,), (tangent,), has_aux=True)
+            # has_aux=True returns (out, tangent_out, aux); torch annotates jvp as a 2- or 3-tuple.
+            _, hvp, loss = cast("tuple[Any, Any, Any]", torch.func.jvp(grad_fn, (primals,), (tangent,), has_aux=True))
             return hvp, loss
 
         if tangents[0].shape[0] == 1:  # no vmap for a single vector (~20 % cheaper)
@@ -350,14 +351,16 @@ class HessianOperator:
     def _autograd_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Double-backward HVP of one batch; tangents have a leading probe dimension."""
         if self.compute_dtype is None or self.compute_dtype == self._params[0].dtype:
-            params = self._params
+            params: Sequence[Tensor] = self._params
             loss = self._wrapper(batch)
         else:  # a cast copy of the parameters, differentiated through functional_call
             params = [p.detach().to(self.compute_dtype).requires_grad_(True) for p in self._params]
             constants, batch = self._compute_dtype_inputs(batch)
-            loss = torch.func.functional_call(self._wrapper, {**constants, **dict(zip(self._names, params))}, (batch,))
+            loss = torch.func.functional_call(
+                self._wrapper, {**constants, **dict(zip(self._names, params, strict=True))}, (batch,)
+            )
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        pairs = [(g, p) for g, p in zip(grads, params)]
+        pairs = [(g, p) for g, p in zip(grads, params, strict=True)]
         used = [i for i, (g, _) in enumerate(pairs) if g is not None and g.requires_grad]
         k = tangents[0].shape[0]
         out = [torch.zeros((k, *p.shape), dtype=self.dtype, device=p.device) for p in params]
@@ -411,7 +414,7 @@ class HessianOperator:
             loss_sum += weight * loss_value
         return acc, total_weight, loss_sum
 
-    def _guarded(self) -> contextlib.AbstractContextManager[None]:
+    def _guarded(self) -> contextlib.ExitStack[bool | None]:
         stack = contextlib.ExitStack()
         stack.enter_context(preserved_model_state(self.model))
         stack.enter_context(_analysis_mode(self.model, self.train_mode_batchnorm))

@@ -146,14 +146,17 @@ class CostEvaluator:
     def _forward_at_anchor(self, batch: Any) -> Any:
         if self.dtype == self.model_dtype:
             return self.wrapper(batch)
-        cast = {name: p.detach().to(self.dtype) for name, p in zip(self.prefixed, self.params)}
+        cast = {name: p.detach().to(self.dtype) for name, p in zip(self.prefixed, self.params, strict=False)}
         return torch.func.functional_call(self.wrapper, {**self.constants, **cast}, (batch,))
 
     def forward_with_grad_leaves(self, batch: Any) -> tuple[Any, list[Tensor]]:
         """Outputs at the anchor and the leaves to differentiate them by (cast copies for half models)."""
         if self.dtype == self.model_dtype:
             return self.wrapper(batch), list(self.params)
-        cast = {name: p.detach().to(self.dtype).requires_grad_(True) for name, p in zip(self.prefixed, self.params)}
+        cast = {
+            name: p.detach().to(self.dtype).requires_grad_(True)
+            for name, p in zip(self.prefixed, self.params, strict=False)
+        }
         out = torch.func.functional_call(self.wrapper, {**self.constants, **cast}, (batch,))
         return out, list(cast.values())
 
@@ -191,7 +194,8 @@ class CostEvaluator:
             value = self.cost(anchor, anchor, batch)
             if not isinstance(value, Tensor) or not torch.is_floating_point(value):
                 raise TypeError(
-                    "A custom `cost(outputs, anchor_outputs, batch)` must return a floating tensor of per-example costs."
+                    "A custom `cost(outputs, anchor_outputs, batch)` must return a floating tensor of per-example "
+                    "costs."
                 )
             return _Batch(batch, anchor, None, float(value.numel()))
         if self.cost == "kl":
@@ -259,7 +263,7 @@ class CostEvaluator:
         out: dict[str, Tensor] = {}
         offset = 0
         count = directions.shape[0]
-        for name, shape, numel in zip(self.prefixed, self.shapes, self.numels):
+        for name, shape, numel in zip(self.prefixed, self.shapes, self.numels, strict=False):
             block = torch.addcmul(
                 theta[offset : offset + numel].unsqueeze(0), t.unsqueeze(1), directions[:, offset : offset + numel]
             )

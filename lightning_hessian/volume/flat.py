@@ -58,7 +58,7 @@ def _zero_jacobian_columns(
                         torch.zeros(p.numel(), dtype=torch.float64, device=evaluator.device)
                         if g is None
                         else g.detach().reshape(-1).to(torch.float64).abs()
-                        for g, p in zip(grads, evaluator.params)
+                        for g, p in zip(grads, evaluator.params, strict=False)
                     ]
                 )
     except Exception as err:
@@ -121,7 +121,7 @@ def flat_coordinates(
         sets = [members for members in sets if members.numel()]
         passed, spent = _moved_sets_stay_below(evaluator, theta, sets, max_radius, cutoff)
         passes += spent
-        for members, ok in zip(sets, passed):
+        for members, ok in zip(sets, passed, strict=False):
             if ok:
                 flat[members] = True
         remaining = index[~flat[index]]

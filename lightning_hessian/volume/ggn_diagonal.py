@@ -56,11 +56,13 @@ def _cotangent_rows(anchor: Tensor, mask: Tensor | None, kl: bool) -> Tensor:
     return cot.reshape(positions * classes, positions, classes)
 
 
-def _squared_rows(evaluator: CostEvaluator, params: dict[str, Tensor], kl: bool, batched: list[bool], spec: Any):
+def _squared_rows(
+    evaluator: CostEvaluator, params: dict[str, Tensor], kl: bool, batched: list[bool], spec: Any
+) -> Callable[[list[Any], Tensor, Tensor | None], Tensor]:
     """``f(example_leaves, anchor, mask) -> sum of squared Jacobian rows`` for one example."""
 
     def one(leaves: list[Any], anchor: Tensor, mask: Tensor | None) -> Tensor:
-        leaves = [leaf.unsqueeze(0) if flag else leaf for leaf, flag in zip(leaves, batched)]
+        leaves = [leaf.unsqueeze(0) if flag else leaf for leaf, flag in zip(leaves, batched, strict=False)]
         batch = tree_unflatten(leaves, spec)
 
         def forward(p: dict[str, Tensor]) -> Tensor:
@@ -92,7 +94,7 @@ def _batch_diagonal(evaluator: CostEvaluator, entry: _Batch, params: dict[str, T
     mask = entry.mask
     for start in range(0, size, chunk):
         stop = min(size, start + chunk)
-        sub = [leaf[start:stop] if flag else leaf for leaf, flag in zip(leaves, batched)]
+        sub = [leaf[start:stop] if flag else leaf for leaf, flag in zip(leaves, batched, strict=False)]
         sub_mask = None if mask is None else mask[start:stop]
         if evaluator._ggn_vmap_ok is not False:
             try:
@@ -112,7 +114,7 @@ def _batch_diagonal(evaluator: CostEvaluator, entry: _Batch, params: dict[str, T
                     stacklevel=6,
                 )
         for i in range(stop - start):
-            example = [leaf[i] if flag else leaf for leaf, flag in zip(sub, batched)]
+            example = [leaf[i] if flag else leaf for leaf, flag in zip(sub, batched, strict=False)]
             total += one(example, anchor[start + i], None if sub_mask is None else sub_mask[i])
     return total, size * rows_per_example
 
@@ -140,7 +142,9 @@ def ggn_diagonal(
             "(noisy) or 'adam'."
         )
     kl = evaluator.cost == "kl"
-    params = {name: p.detach().to(evaluator.dtype) for name, p in zip(evaluator.prefixed, evaluator.params)}
+    params = {
+        name: p.detach().to(evaluator.dtype) for name, p in zip(evaluator.prefixed, evaluator.params, strict=False)
+    }
     n = sum(evaluator.numels)
     total = torch.zeros(n, dtype=torch.float64, device=evaluator.device)
     rows = 0
