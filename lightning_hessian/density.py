@@ -307,6 +307,8 @@ def _variate_pairs(
     """The converged pairs of one run for the trace's control variate (see ``deflated_trace_samples``)."""
     counts = weights[chosen] * num_params
     keep = ((counts - counts.round()).abs() > 1e-6 * counts.clamp_min(1.0)) | (counts.round() < 1)
+    if bool(keep.all()):
+        return nodes[chosen], vectors  # no boolean-mask copy of the n x k vectors
     return nodes[chosen][keep], vectors[:, keep.to(vectors.device)]
 
 
@@ -402,6 +404,7 @@ def spectral_density(
     n = op.num_params
     starts = draw_probes(n, num_runs, probe, generator, device=op.device)
     result = lanczos(op, starts, num_steps, store_basis=store_basis, basis_dtype=basis_dtype, basis_device=basis_device)
+    del starts  # n x R float64: not needed after the recurrence (issue 11: working memory)
     m = max(len(a) for a in result.alphas)
     nodes = torch.zeros((num_runs, m), dtype=torch.float64)
     weights = torch.zeros((num_runs, m), dtype=torch.float64)

@@ -251,7 +251,7 @@ def lanczos(
             if basis is not None and step + 1 < num_steps:
                 basis[run, step + 1].copy_(w_r)
             beta_prev[run] = beta
-        del w
+        del w, w_r  # the column view w_r would keep this product alive during the next matmat
         if should_stop is not None and should_stop(step, snapshot()):
             break
     return snapshot()
