@@ -174,3 +174,41 @@ def test_basis_free_mode_keeps_extremes_and_shows_ghosts():
     sd = spectral_density(op, num_runs=2, num_steps=80, store_basis=False)
     assert sd.loo_trace_samples is None and sd.deflated_weights is None
     assert sd.deflated_trace == sd.trace
+
+
+class _DiagonalOperator:
+    """``diag(d)`` behind the CurvatureOperator interface (products in the input's dtype)."""
+
+    def __init__(self, diagonal: torch.Tensor) -> None:
+        self.diagonal = diagonal
+        self._num_hvps = 0
+
+    @property
+    def num_params(self) -> int:
+        return self.diagonal.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.diagonal.device
+
+    @property
+    def num_hvps(self) -> int:
+        return self._num_hvps
+
+    def matmat(self, matrix: torch.Tensor) -> torch.Tensor:
+        self._num_hvps += matrix.shape[1]
+        return self.diagonal.to(matrix.dtype)[:, None] * matrix
+
+
+def test_float32_basis_costs_only_its_storage_rounding_at_a_million_parameters():
+    """Reorthogonalisation against a float32 basis accumulates in float64: with float32 coefficients
+    (a float32 ``mv`` over 1 M entries) the top Ritz value was 2.5e-5 off the float64 basis's."""
+    generator = torch.Generator().manual_seed(0)
+    diagonal = torch.rand(1 << 20, dtype=torch.float64, generator=generator)
+    diagonal[0], diagonal[1] = 10.0, 5.0
+    tops = {}
+    for dtype in (torch.float64, torch.float32):
+        sd = spectral_density(_DiagonalOperator(diagonal), num_runs=3, num_steps=10, seed=0, basis_dtype=dtype)
+        tops[dtype] = float(sd.top_ritz_values(1)[0][0])
+    assert abs(tops[torch.float64] - 10.0) < 1e-9
+    assert abs(tops[torch.float32] - tops[torch.float64]) / 10.0 < 1e-6
