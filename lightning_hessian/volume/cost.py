@@ -24,6 +24,33 @@ __all__ = ["CostEvaluator", "CostFn", "default_output_fn"]
 CostFn = Callable[[Tensor, Tensor, Any], Tensor]
 
 
+def reduce_with_failure_flag(
+    local: Tensor, failure: BaseException | None, all_reduce: Callable[[Tensor], Tensor], what: str
+) -> Tensor:
+    """Sum ``local`` across processes with a failure flag in the same collective.
+
+    Every process joins the one collective, even one whose own computation failed, so none hangs;
+    the failing process re-raises its error and the others raise :class:`VolumeComputationError`
+    saying what failed.
+
+    Args:
+        local: This process's float64 partial sums (1-D; the same shape on every process).
+        failure: This process's exception, or ``None``.
+        all_reduce: Sums a float64 tensor across processes.
+        what: For the message, e.g. ``"evaluating the local-volume cost"``.
+
+    Returns:
+        The global sums, shaped like ``local``.
+    """
+    flag = torch.tensor([1.0 if failure is not None else 0.0], dtype=torch.float64, device=local.device)
+    packed = all_reduce(torch.cat([local.reshape(-1).to(torch.float64), flag]))
+    if failure is not None:
+        raise failure
+    if float(packed[-1]) > 0:
+        raise VolumeComputationError(f"Another process failed while {what}.")
+    return packed[:-1].reshape(local.shape)
+
+
 def default_output_fn(model: nn.Module, batch: Any) -> Tensor:
     if isinstance(batch, (list, tuple)):
         return model(batch[0])
@@ -124,18 +151,8 @@ class CostEvaluator:
                 raise
             failure = err
         if all_reduce is not None:
-            # One collective: the total weight, and whether any process failed on its shard
-            # (every process joins it, so none hangs; all raise).
-            packed = torch.tensor(
-                [local_weight if failure is None else 0.0, 1.0 if failure is not None else 0.0],
-                dtype=torch.float64,
-                device=self.device,
-            )
-            total = all_reduce(packed).reshape(-1)
-            if failure is not None:
-                raise failure
-            if float(total[1]) > 0:
-                raise VolumeComputationError("Another process failed while computing the anchor outputs.")
+            local = torch.tensor([local_weight if failure is None else 0.0], dtype=torch.float64, device=self.device)
+            total = reduce_with_failure_flag(local, failure, all_reduce, "computing the anchor outputs")
             local_weight = float(total[0])
         if not local_weight > 0:
             raise ValueError("`data` yielded no batches (or only fully masked ones): the analysis set is empty.")
@@ -315,10 +332,5 @@ class CostEvaluator:
         except Exception as err:  # noqa: BLE001 - re-raised after the collective
             failure = err
             sums = torch.zeros(count, dtype=torch.float64, device=self.device)
-        flag = torch.tensor([1.0 if failure is not None else 0.0], dtype=torch.float64, device=self.device)
-        packed = self.all_reduce(torch.cat([sums, flag]))
-        if failure is not None:
-            raise failure
-        if float(packed[-1]) > 0:
-            raise VolumeComputationError("Another process failed while evaluating the local-volume cost.")
-        return (packed[:count] / self.total_weight).cpu()
+        total = reduce_with_failure_flag(sums, failure, self.all_reduce, "evaluating the local-volume cost")
+        return (total / self.total_weight).cpu()

@@ -28,8 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lightning_hessian.volume.cost import CostEvaluator
-from lightning_hessian.volume.result import VolumeComputationError
+from lightning_hessian.volume.cost import CostEvaluator, reduce_with_failure_flag
 
 __all__ = ["flat_coordinates"]
 
@@ -66,14 +65,7 @@ def _zero_jacobian_columns(
             raise
         failure = err
     if all_reduce is not None:
-        # One collective with a failure flag: every process joins it, none hangs, all raise.
-        flag = torch.tensor([1.0 if failure is not None else 0.0], dtype=torch.float64, device=total.device)
-        packed = all_reduce(torch.cat([total, flag]))
-        if failure is not None:
-            raise failure
-        if float(packed[-1]) > 0:
-            raise VolumeComputationError("Another process failed while checking for flat coordinates.")
-        total = packed[:-1]
+        total = reduce_with_failure_flag(total, failure, all_reduce, "checking for flat coordinates")
     return total == 0
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_hessian.volume.cost import CostEvaluator, _Batch
+from lightning_hessian.volume.cost import CostEvaluator, _Batch, reduce_with_failure_flag
 from lightning_hessian.volume.result import VolumeComputationError
 
 __all__ = ["ggn_diagonal"]
@@ -160,13 +160,7 @@ def ggn_diagonal(
                 raise
             failure = err
     if all_reduce is not None:
-        flag = torch.tensor([1.0 if failure is not None else 0.0], dtype=torch.float64, device=total.device)
-        packed = all_reduce(torch.cat([total, flag]))
-        if failure is not None:
-            raise failure
-        if float(packed[-1]) > 0:
-            raise VolumeComputationError("Another process failed while computing the Gauss-Newton diagonal.")
-        total = packed[:-1]
+        total = reduce_with_failure_flag(total, failure, all_reduce, "computing the Gauss-Newton diagonal")
     if not bool(torch.isfinite(total).all()):
         raise VolumeComputationError("The Gauss-Newton diagonal has non-finite entries at the anchor.")
     return total / evaluator.total_weight, rows
