@@ -26,13 +26,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_hessian.operators import CurvatureOperator
+from lightning_hessian.operators.base import CurvatureOperator, WrappedOperator
 from lightning_hessian.trace import TraceEstimate
 
 __all__ = ["FirstProductRecorder", "block_trace_samples", "block_traces"]
 
 
-class FirstProductRecorder:
+class FirstProductRecorder(WrappedOperator):
     """A transparent wrapper that keeps the first ``matmat`` call's input and output (float64).
 
     Everything else (``num_params``, ``device``, ``num_hvps``, ``parameters()``, ...) is the
@@ -43,18 +43,6 @@ class FirstProductRecorder:
         self.op = op
         self.inputs: Tensor | None = None
         self.products: Tensor | None = None
-
-    @property
-    def num_params(self) -> int:
-        return self.op.num_params
-
-    @property
-    def device(self) -> torch.device:
-        return self.op.device
-
-    @property
-    def num_hvps(self) -> int:
-        return self.op.num_hvps
 
     def matmat(self, matrix: Tensor) -> Tensor:
         out = self.op.matmat(matrix)

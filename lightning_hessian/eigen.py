@@ -15,7 +15,7 @@ from lightning_hessian.lanczos import (
     lanczos,
     rounding_floor,
 )
-from lightning_hessian.operators import CurvatureOperator
+from lightning_hessian.operators.base import CurvatureOperator, WrappedOperator
 
 __all__ = ["EigenResult", "top_eigenvalues"]
 
@@ -86,7 +86,7 @@ def _far_shift(values: Tensor, which: str) -> float:
     return float(values.min()) - 2 * scale if which == "largest" else float(values.max()) + 2 * scale
 
 
-class _ComplementOperator:
+class _ComplementOperator(WrappedOperator):
     r""":math:`P H P + \sigma YY^\top` with :math:`P = I - YY^\top`: ``H`` on the complement of found vectors.
 
     The found directions get the value :math:`\sigma`, placed beyond the values still wanted
@@ -100,20 +100,8 @@ class _ComplementOperator:
         self.shift = shift
 
     @property
-    def num_params(self) -> int:
-        return self.op.num_params
-
-    @property
-    def device(self) -> torch.device:
-        return self.op.device
-
-    @property
     def dtype(self) -> torch.dtype:
         return getattr(self.op, "dtype", torch.float64)
-
-    @property
-    def num_hvps(self) -> int:
-        return self.op.num_hvps
 
     def project(self, matrix: Tensor) -> Tensor:
         y = self.vectors.to(matrix.dtype)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from lightning_hessian.operators.base import CurvatureOperator
+from lightning_hessian.operators.base import CurvatureOperator, WrappedOperator
 
 __all__ = ["PROGRESS_LOGGER", "CountingOperator", "evaluation_bar", "progress_logger", "summarize_evaluation"]
 
@@ -59,7 +59,7 @@ def evaluation_bar(enabled: bool, total: int, description: str, unit: str) -> It
         bar.close()
 
 
-class CountingOperator:
+class CountingOperator(WrappedOperator):
     """A :class:`~lightning_hessian.CurvatureOperator` that reports every product's width.
 
     Wraps an operator unchanged (same products, same ``num_hvps``) and calls ``on_products(k)``
@@ -68,27 +68,15 @@ class CountingOperator:
     """
 
     def __init__(self, op: CurvatureOperator, on_products: Callable[[int], None]) -> None:
-        self._op = op
+        self.op = op
         self._on_products = on_products
 
     @property
-    def num_params(self) -> int:
-        return self._op.num_params
-
-    @property
-    def device(self) -> torch.device:
-        return self._op.device
-
-    @property
     def dtype(self) -> torch.dtype:
-        return getattr(self._op, "dtype", torch.float64)
-
-    @property
-    def num_hvps(self) -> int:
-        return self._op.num_hvps
+        return getattr(self.op, "dtype", torch.float64)
 
     def matmat(self, matrix: Tensor) -> Tensor:
-        out = self._op.matmat(matrix)
+        out = self.op.matmat(matrix)
         self._on_products(int(matrix.shape[1]) if matrix.ndim == 2 else 1)
         return out
 

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["CurvatureOperator", "MatrixOperator"]
+__all__ = ["CurvatureOperator", "MatrixOperator", "WrappedOperator"]
 
 
 @runtime_checkable
@@ -97,6 +97,34 @@ class MatrixOperator:
         self._num_hvps += matrix.shape[1]
         out = self.matrix @ matrix.to(device=self.device, dtype=self.dtype)
         return out.to(matrix.dtype)
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        return _matvec_via_matmat(self, vector)
+
+
+class WrappedOperator:
+    """Base of operators built on another one: size, device and HVP count pass through.
+
+    Subclasses set :attr:`op` and implement ``matmat``; ``num_hvps`` counts the wrapped
+    operator's products, so wrappers never double-count.
+    """
+
+    op: CurvatureOperator
+
+    @property
+    def num_params(self) -> int:
+        return self.op.num_params
+
+    @property
+    def device(self) -> torch.device:
+        return self.op.device
+
+    @property
+    def num_hvps(self) -> int:
+        return self.op.num_hvps
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def matvec(self, vector: Tensor) -> Tensor:
         return _matvec_via_matmat(self, vector)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_hessian.operators.base import (
     CurvatureOperator,
+    WrappedOperator,
     _check_matrix,
     _matvec_via_matmat,
 )
@@ -25,7 +26,7 @@ from lightning_hessian.optim_state import adam_state
 __all__ = ["PreconditionedOperator", "adam_preconditioner", "preconditioned_operator"]
 
 
-class PreconditionedOperator:
+class PreconditionedOperator(WrappedOperator):
     r""":math:`D H D` for a positive diagonal :math:`D` (here :math:`D = P^{-1/2}`), as a curvature operator.
 
     Args:
@@ -46,18 +47,6 @@ class PreconditionedOperator:
             raise ValueError("The preconditioner's diagonal must be positive and finite.")
         self.op = op
         self.diagonal = inverse_sqrt_diagonal.to(device=op.device, dtype=torch.float64)
-
-    @property
-    def num_params(self) -> int:
-        return self.op.num_params
-
-    @property
-    def device(self) -> torch.device:
-        return self.op.device
-
-    @property
-    def num_hvps(self) -> int:
-        return self.op.num_hvps
 
     def matmat(self, matrix: Tensor) -> Tensor:
         """Products ``D H D V`` for ``V`` of shape ``[num_params, k]``."""
