@@ -3,7 +3,7 @@
 Every public module or package of :mod:`lightning_hessian` (no path component starting with ``_``)
 that defines ``__all__`` contributes the objects it lists. Each object is documented once, under
 its most public name: ``lightning_hessian.X`` before ``lightning_hessian.callbacks.X`` before
-``lightning_hessian.trace.X``. The output is one page per namespace (``api/<namespace>.rst``, a
+``lightning_hessian.estimators.trace.X``. The output is one page per namespace (``api/<namespace>.rst``, a
 summary table, under ``api/modules/``) and one page per object (``api/<public name>.rst``). New modules and names (an
 ``operators/ggn.py``, a ``volume/`` subpackage) appear in the next build without editing a page.
 
@@ -115,7 +115,7 @@ def _namespace_page(module_name: str, entries: list[tuple[str, str, Any, bool]],
     module = importlib.import_module(module_name)
     title = f"``{module_name}``"
     lines = [title, "=" * len(title), "", f".. py:module:: {module_name}"]
-    if shadowed:  # ``lightning_hessian.lanczos`` is also the re-exported function of that name
+    if shadowed:  # ``lightning_hessian.estimators.lanczos`` is also the re-exported function of that name
         lines.append("   :no-index:")
     lines.append("")
     doc = inspect.getdoc(module)

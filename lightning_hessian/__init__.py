@@ -17,10 +17,11 @@ from lightning_hessian.analysis import (
     ols,
     regression_table,
 )
-from lightning_hessian.density import SpectralDensity, spectral_density
-from lightning_hessian.eigen import EigenResult, top_eigenvalues
 from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
-from lightning_hessian.lanczos import LanczosResult, lanczos
+from lightning_hessian.estimators.density import SpectralDensity, spectral_density
+from lightning_hessian.estimators.eigen import EigenResult, top_eigenvalues
+from lightning_hessian.estimators.lanczos import LanczosResult, lanczos
+from lightning_hessian.estimators.trace import TraceEstimate, hessian_trace
 from lightning_hessian.operators import (
     CurvatureOperator,
     GGNOperator,
@@ -31,14 +32,13 @@ from lightning_hessian.operators import (
     preconditioned_operator,
     preserved_model_state,
 )
-from lightning_hessian.sharp_drop import TraceHistory, TraceSharpDropDetector
-from lightning_hessian.stability import (
+from lightning_hessian.signals.sharp_drop import TraceHistory, TraceSharpDropDetector
+from lightning_hessian.signals.stability import (
     StabilityThreshold,
     adam_preconditioned_threshold,
     sgd_sharpness_threshold,
     stability_threshold,
 )
-from lightning_hessian.trace import TraceEstimate, hessian_trace
 from lightning_hessian.volume import VolumeComputationError, VolumeEstimate, init_prior_std, local_volume
 
 __version__ = "0.1.0.dev0"

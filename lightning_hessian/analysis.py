@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lightning_hessian._stats import student_t_quantile
+from lightning_hessian._utils.stats import student_t_quantile
 
 __all__ = [
     "CurvatureRegressions",

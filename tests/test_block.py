@@ -20,12 +20,12 @@ from lightning_hessian import (
     spectral_density,
     top_eigenvalues,
 )
-from lightning_hessian.block_trace import (
+from lightning_hessian.callbacks import HessianMonitor
+from lightning_hessian.estimators.block_trace import (
     FirstProductRecorder,
     block_trace_samples,
     block_traces,
 )
-from lightning_hessian.callbacks import HessianMonitor
 from lightning_hessian.operators.block import module_blocks, parameter_slices
 from tests.curvature_truth import (
     classification_batches,

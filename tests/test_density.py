@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_hessian._random import draw_probes, make_generator
-from lightning_hessian.density import spectral_density
+from lightning_hessian._utils.random import draw_probes, make_generator
+from lightning_hessian.estimators.density import spectral_density
+from lightning_hessian.estimators.trace import hessian_trace
 from lightning_hessian.operators import HessianOperator, MatrixOperator
-from lightning_hessian.trace import hessian_trace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

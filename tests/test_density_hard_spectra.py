@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lightning_hessian.density import spectral_density
+from lightning_hessian.estimators.density import spectral_density
 from lightning_hessian.operators import MatrixOperator
 from tests.spectra import hessian_like_eigenvalues, with_eigenvectors
 
@@ -96,8 +96,8 @@ def test_float32_ritz_residuals_are_not_below_half_the_true_ones():
     """Old: beta_m |u_mi| underflowed to 0.0 with float32 products."""
     lam = hessian_like_eigenvalues(N, seed=6)
     a = with_eigenvectors(lam, "haar", seed=6)
-    from lightning_hessian._deflation import ritz_vectors
-    from lightning_hessian.lanczos import lanczos
+    from lightning_hessian.estimators.deflation import ritz_vectors
+    from lightning_hessian.estimators.lanczos import lanczos
 
     op = MatrixOperator(a.to(torch.float32))
     sd = spectral_density(op, num_runs=3, num_steps=40, basis_dtype=torch.float32)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_hessian.eigen import top_eigenvalues
+from lightning_hessian.estimators.eigen import top_eigenvalues
 from lightning_hessian.operators import HessianOperator, MatrixOperator
 
 pytestmark = pytest.mark.usefixtures("single_thread")

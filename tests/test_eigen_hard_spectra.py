@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_hessian.eigen import top_eigenvalues
+from lightning_hessian.estimators.eigen import top_eigenvalues
 from lightning_hessian.operators import MatrixOperator
 from tests.spectra import hessian_like_eigenvalues, with_eigenvectors
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_hessian._random import draw_probes, make_generator
-from lightning_hessian.density import spectral_density
-from lightning_hessian.eigen import top_eigenvalues
-from lightning_hessian.lanczos import lanczos
+from lightning_hessian._utils.random import draw_probes, make_generator
+from lightning_hessian.estimators.density import spectral_density
+from lightning_hessian.estimators.eigen import top_eigenvalues
+from lightning_hessian.estimators.lanczos import lanczos
 from lightning_hessian.operators import HessianOperator, MatrixOperator
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -19,7 +19,7 @@ from lightning_hessian.callbacks._logging import (
     Histogram,
     density_histogram,
 )
-from lightning_hessian.density import spectral_density
+from lightning_hessian.estimators.density import spectral_density
 from lightning_hessian.operators import MatrixOperator
 from tests.lightning_helpers import DigitsModule, digits_loader, trainer_kwargs
 

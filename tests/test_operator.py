@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_hessian.density import spectral_density
-from lightning_hessian.eigen import top_eigenvalues
 from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
-from lightning_hessian.lanczos import lanczos
+from lightning_hessian.estimators.density import spectral_density
+from lightning_hessian.estimators.eigen import top_eigenvalues
+from lightning_hessian.estimators.lanczos import lanczos
+from lightning_hessian.estimators.trace import TraceEstimate, hessian_trace
 from lightning_hessian.operators import HessianOperator, MatrixOperator
-from lightning_hessian.trace import TraceEstimate, hessian_trace
 from tests.helpers import analysis_batches, digits_mlp, digits_tensors, exact_hessian
 
 pytestmark = [

@@ -23,8 +23,8 @@ from lightning_hessian import (
     stability_threshold,
     top_eigenvalues,
 )
-from lightning_hessian.block_trace import FirstProductRecorder, block_traces
 from lightning_hessian.callbacks import HessianMonitor, default_classification_loss
+from lightning_hessian.estimators.block_trace import FirstProductRecorder, block_traces
 from lightning_hessian.operators.block import parameter_slices
 from tests.curvature_truth import classification_batches, exact_loss_hessian, tanh_mlp
 from tests.lightning_helpers import (

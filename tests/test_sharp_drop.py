@@ -1,4 +1,4 @@
-"""Tests of :class:`lightning_hessian.sharp_drop.TraceSharpDropDetector` on synthetic trace series.
+"""Tests of :class:`lightning_hessian.signals.sharp_drop.TraceSharpDropDetector` on synthetic trace series.
 
 The generator mimics the trajectories of ``papers/hessian-dynamics-trace-maxeig.txt`` §7.7: the
 trace rises early in training, plateaus (noisily), then falls suddenly by a large fraction over
@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from lightning_hessian.sharp_drop import TraceHistory, TraceSharpDropDetector
+from lightning_hessian.signals.sharp_drop import TraceHistory, TraceSharpDropDetector
 
 # ----------------------------------------------------------------------------- generator
 

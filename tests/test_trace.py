@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_hessian._random import draw_probes, make_generator
-from lightning_hessian._stats import normal_quantile, student_t_cdf, student_t_quantile
+from lightning_hessian._utils.random import draw_probes, make_generator
+from lightning_hessian._utils.stats import normal_quantile, student_t_cdf, student_t_quantile
+from lightning_hessian.estimators.trace import hessian_trace
 from lightning_hessian.operators import HessianOperator, MatrixOperator
-from lightning_hessian.trace import hessian_trace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_hessian._radius import find_radii
 from lightning_hessian.errors import HessianComputationError
 from lightning_hessian.volume import (
     EPS_GRID,
@@ -23,6 +22,7 @@ from lightning_hessian.volume import (
     local_volume,
     log_radial_gaussian_integral,
 )
+from lightning_hessian.volume.radius import find_radii
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,8 +1,8 @@
 """HessianMonitor's optional views: per-block curvature and edge-of-stability sharpness.
 
 Configuration, validation and metric naming only; the numbers come from the core
-(:mod:`lightning_hessian.block_trace`, :meth:`~lightning_hessian.HessianOperator.block`,
-:func:`~lightning_hessian.preconditioned_operator`, :mod:`lightning_hessian.stability`).
+(:mod:`lightning_hessian.estimators.block_trace`, :meth:`~lightning_hessian.HessianOperator.block`,
+:func:`~lightning_hessian.preconditioned_operator`, :mod:`lightning_hessian.signals.stability`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_hessian.block_trace import FirstProductRecorder, block_traces
-from lightning_hessian.eigen import top_eigenvalues
 from lightning_hessian.errors import HessianComputationError
+from lightning_hessian.estimators.block_trace import FirstProductRecorder, block_traces
+from lightning_hessian.estimators.eigen import top_eigenvalues
 from lightning_hessian.operators import parameter_blocks, preconditioned_operator
 from lightning_hessian.operators.block import parameter_slices
 from lightning_hessian.optim_state import param_groups
-from lightning_hessian.stability import StabilityThreshold, stability_threshold
+from lightning_hessian.signals.stability import StabilityThreshold, stability_threshold
 
 #: Adam-family optimizers that keep no ``exp_avg_sq`` (Adamax: an infinity norm ``exp_inf``).
 _WITHOUT_EXP_AVG_SQ = ("Adamax",)

@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogg
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_hessian.density import SpectralDensity
+from lightning_hessian.estimators.density import SpectralDensity
 
 __all__ = ["WANDB_MAX_BINS", "ArtifactPublisher", "Histogram", "density_figure", "density_histogram"]
 

@@ -16,10 +16,10 @@ from lightning_hessian.callbacks._analysis_set import DEFAULT_MAX_ANALYSIS_BYTES
 from lightning_hessian.callbacks._base import CurvatureCallback, default_classification_loss
 from lightning_hessian.callbacks._curvature_views import CurvatureViews
 from lightning_hessian.callbacks._logging import density_figure, density_histogram
-from lightning_hessian.density import SpectralDensity, spectral_density
+from lightning_hessian.estimators.density import SpectralDensity, spectral_density
 from lightning_hessian.operators import GGNOperator, HessianOperator
 from lightning_hessian.operators.reduction import check_operator_loss_reduction
-from lightning_hessian.sharp_drop import TraceSharpDropDetector
+from lightning_hessian.signals.sharp_drop import TraceSharpDropDetector
 
 __all__ = ["HessianMonitor"]
 
@@ -129,7 +129,7 @@ class HessianMonitor(CurvatureCallback):
             not fit: local orthogonality only, ``trace`` is plain Hutchinson, extreme Ritz values
             and the density are still reported, but converged outliers reappear as spurious
             copies ("ghost eigenvalues") that share their weight (see
-            :func:`~lightning_hessian.lanczos.lanczos`).
+            :func:`~lightning_hessian.estimators.lanczos.lanczos`).
         negative_threshold: Absolute threshold of ``negative_mass`` (default: relative to the
             bulk, logged as ``negative_mass_threshold``).
         hvp_precision: ``"model"`` computes HVPs in the parameters' dtype; ``"float64"`` on float64
@@ -154,7 +154,7 @@ class HessianMonitor(CurvatureCallback):
             trainable parameters, wrappers looked through) or a mapping ``block name -> list of
             parameter names | regex`` (see :func:`~lightning_hessian.parameter_blocks`). Logs
             ``trace/<block>`` and ``trace_stderr/<block>`` from the same probes as the full trace
-            (plain Hutchinson per block, no extra HVP; :mod:`lightning_hessian.block_trace`) and a
+            (plain Hutchinson per block, no extra HVP; :mod:`lightning_hessian.estimators.block_trace`) and a
             TensorBoard custom-scalars multi-line chart of them.
         block_top_eigenvalues: Also log ``top_eigenvalue/<block>`` (Lanczos on each diagonal
             block :math:`H_{bb}`; costs HVPs of the block, counted in ``num_hvps``).
@@ -164,7 +164,7 @@ class HessianMonitor(CurvatureCallback):
             ``preconditioned_sharpness_threshold`` :math:`= (2+2\beta_1)/((1-\beta_1)\eta)` and
             ``sharpness_ratio`` (Cohen et al. 2022). Needs Adam-family optimizers for every
             trainable parameter. With several param groups the smallest group threshold is used
-            (:mod:`lightning_hessian.stability`).
+            (:mod:`lightning_hessian.signals.stability`).
         sharpness_threshold: For SGD: log ``sharpness_threshold`` :math:`= (2+2\beta)/\eta`
             (momentum :math:`\beta`, 0 without; Nesterov and dampening handled) and
             ``sharpness_ratio`` = ``top_eigenvalue`` / threshold.

@@ -123,6 +123,11 @@ class WrappedOperator:
     def num_hvps(self) -> int:
         return self.op.num_hvps
 
+    @property
+    def vector_space(self) -> object | None:
+        """The wrapped operator's vector space (sharded operators; ``None`` otherwise)."""
+        return getattr(self.op, "vector_space", None)
+
     def matmat(self, matrix: Tensor) -> Tensor:
         raise NotImplementedError
 

@@ -102,7 +102,7 @@ def preconditioned_operator(op: Any, optimizers: Any) -> PreconditionedOperator:
     Its eigenvalues are those of :math:`P^{-1} H`; its largest is Cohen et al.'s (2022)
     preconditioned sharpness, which under Adam with :math:`\beta_1` and learning rate
     :math:`\eta` equilibrates near :math:`(2 + 2\beta_1)/((1-\beta_1)\eta)` (see
-    :func:`~lightning_hessian.stability.adam_preconditioned_threshold`).
+    :func:`~lightning_hessian.signals.stability.adam_preconditioned_threshold`).
 
     Args:
         op: A curvature operator exposing ``parameters()`` and ``parameter_names()``

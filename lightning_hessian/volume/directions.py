@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_hessian._random import draw_probes, make_generator
+from lightning_hessian._utils.random import draw_probes, make_generator
 
 __all__ = ["DirectionGroup", "direction_seeds", "draw_directions"]
 

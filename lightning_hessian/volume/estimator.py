@@ -18,7 +18,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian._radius import RootFinder
 from lightning_hessian.operators import (
     derivative_friendly_attention,
     preserved_model_state,
@@ -48,6 +47,7 @@ from lightning_hessian.volume.preconditioner import (
 )
 from lightning_hessian.volume.prior import log_prior_std
 from lightning_hessian.volume.radii import RadiiSearch, search_radii
+from lightning_hessian.volume.radius import RootFinder
 from lightning_hessian.volume.result import (
     VolumeComputationError,
     VolumeEstimate,

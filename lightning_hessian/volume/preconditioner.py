@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_hessian._random import draw_probes
+from lightning_hessian._utils.random import draw_probes
 from lightning_hessian.operators import HessianOperator
 from lightning_hessian.optim_state import (
     ADAM_LIKE,

@@ -1,7 +1,7 @@
 r"""Radii of the star domain along groups of sampled directions (the sampling loop).
 
 For every group of directions (:mod:`~lightning_hessian.volume.directions`) the crossing of the
-cutoff is found by :func:`lightning_hessian._radius.find_radii` (safeguarded secant on
+cutoff is found by :func:`lightning_hessian.volume.radius.find_radii` (safeguarded secant on
 :math:`\log C` versus :math:`\log r`), all directions of a group evaluated together. The radius is
 *a* crossing found by bracketing outward from the first trial distance: it is the first one when
 the cost is monotone along the ray; a cost that rises above the cutoff and falls back below it
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_hessian._radius import RadiusSearchNaNError, find_radii
 from lightning_hessian.volume.cost import CostEvaluator
 from lightning_hessian.volume.directions import draw_directions
+from lightning_hessian.volume.radius import RadiusSearchNaNError, find_radii
 from lightning_hessian.volume.result import VolumeComputationError
 
 __all__ = ["RadiiSearch", "search_radii"]

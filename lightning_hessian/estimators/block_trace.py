@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_hessian.estimators.trace import TraceEstimate
 from lightning_hessian.operators.base import CurvatureOperator, WrappedOperator
-from lightning_hessian.trace import TraceEstimate
 
 __all__ = ["FirstProductRecorder", "block_trace_samples", "block_traces"]
 

@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_hessian._random import make_generator
-from lightning_hessian.lanczos import (
+from lightning_hessian._utils.random import make_generator
+from lightning_hessian.estimators.lanczos import (
     ROUNDING_FACTOR,
     LanczosResult,
     lanczos,

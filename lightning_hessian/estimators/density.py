@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_hessian._deflation import (
+from lightning_hessian._utils.random import ProbeKind, draw_probes, make_generator
+from lightning_hessian._utils.stats import student_t_quantile
+from lightning_hessian.estimators.deflation import (
     converged_extremes,
     deflated_weights,
     leave_one_out_trace_samples,
     ritz_vectors,
 )
-from lightning_hessian._random import ProbeKind, draw_probes, make_generator
-from lightning_hessian._stats import student_t_quantile
-from lightning_hessian.lanczos import ROUNDING_FACTOR, lanczos, rounding_floor
+from lightning_hessian.estimators.lanczos import ROUNDING_FACTOR, lanczos, rounding_floor
 from lightning_hessian.operators import CurvatureOperator
 
 __all__ = ["NEGATIVE_RELATIVE_THRESHOLD", "SpectralDensity", "spectral_density"]

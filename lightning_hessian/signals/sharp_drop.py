@@ -17,7 +17,7 @@ import operator
 import statistics
 from typing import Any, NamedTuple
 
-from lightning_hessian._stats import normal_quantile
+from lightning_hessian._utils.stats import normal_quantile
 
 __all__ = ["TraceHistory", "TraceSharpDropDetector"]
 

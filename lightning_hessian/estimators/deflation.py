@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_hessian.lanczos import LanczosResult
+from lightning_hessian.estimators.lanczos import LanczosResult
 
 __all__ = ["converged_extremes", "deflated_weights", "leave_one_out_trace_samples", "ritz_vectors"]
 

@@ -9,8 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_hessian._random import ProbeKind, draw_probes, make_generator
-from lightning_hessian._stats import student_t_quantile
+from lightning_hessian._utils.random import ProbeKind, draw_probes, make_generator
+from lightning_hessian._utils.stats import student_t_quantile
 from lightning_hessian.operators import CurvatureOperator
 
 __all__ = ["MIN_ADAPTIVE_PROBES", "TraceEstimate", "hessian_trace", "required_probes"]

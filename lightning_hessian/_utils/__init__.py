@@ -1,0 +1,1 @@
+"""Private helpers shared across the packages: seeded random probes and small statistics."""
