@@ -1,4 +1,4 @@
-"""Conjecture 1 (hessian-dynamics-trace-maxeig.txt §4.1): hyperparameters explore differently from the start.
+"""Conjecture 1 (Alabdulkareem 2022, §4.1): hyperparameters explore differently from the start.
 
 The paper trains its CIFAR-10 CNN with learning rates 0.01 vs 0.05 and batch sizes 32 vs 64
 (several seeds each) and finds that the top Hessian eigenvalue of the two groups differs from

@@ -1,6 +1,6 @@
 """Hessian spectral density at initialisation vs during training, with and without BatchNorm.
 
-Two findings of ``hessian-spectral-density-slq.txt`` (Ghorbani, Krishnan, Xiao 2019):
+Two findings of Ghorbani, Krishnan & Xiao (ICML 2019, arXiv:1901.10159):
 
 1. at initialisation the density has significant negative mass, which disappears fast once
    training starts (the paper's Figure of the density at init and after a few steps/epochs);

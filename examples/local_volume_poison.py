@@ -1,6 +1,7 @@
 """Local volume during training, and a "poisoned" network vs a clean one (local-volume paper §3.5).
 
-``papers/local-volume-probability-of-sampling.txt`` estimates the probability, under the
+Scherlis & Belrose, *Estimating the Probability of Sampling a Trained Neural Network at Random*
+(arXiv:2501.18812), estimates the probability, under the
 initialisation prior, of sampling a network that behaves like the trained one (the "local
 volume" of its behavioural neighbourhood; smaller volume = longer description = more complex).
 Two findings are checked here:

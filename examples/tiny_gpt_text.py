@@ -1,7 +1,7 @@
 """A tiny GPT trained on CPython's own documentation text, with both monitors (sequence models).
 
-The language-model setting of ``papers/local-volume-probability-of-sampling.txt`` in miniature,
-together with the Hessian dynamics of ``papers/hessian-dynamics-trace-maxeig.txt``: a
+The language-model setting of Scherlis & Belrose (arXiv:2501.18812) in miniature, together with
+the Hessian dynamics of Alabdulkareem (NeurIPS 2022): a
 character-level GPT (pre-LayerNorm blocks, causal self-attention through
 ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``, tied input/output
 embeddings; about 1 M parameters by default) trained with AdamW on the text of

@@ -7,7 +7,7 @@ r"""Read a run's logged metrics and fit the paper's curvature regressions, witho
 * :func:`ols` is ordinary least squares with the statistics a regression table needs
   (standard errors, t and F tests, :math:`R^2`, log-likelihood, AIC/BIC: the statsmodels
   definitions), with p-values from the regularised incomplete beta function.
-* :func:`curvature_regressions` fits the four models of ``hessian-dynamics-trace-maxeig.txt``
+* :func:`curvature_regressions` fits the four models of Alabdulkareem (NeurIPS 2022)
   §4.2 / Table 1 on per-epoch changes,
 
   .. math::  \Delta\mathrm{acc}^{test}_t = \beta_0 + \beta_1\,\Delta\lambda_{max,t}
@@ -790,7 +790,7 @@ def curvature_regressions(
     accuracy_scale: float = 1.0,
     warn: bool = True,
 ) -> CurvatureRegressions:
-    r"""The four OLS models of ``hessian-dynamics-trace-maxeig.txt`` §4.2 / Table 1.
+    r"""The four OLS models of Alabdulkareem (NeurIPS 2022), §4.2 / Table 1.
 
     On per-epoch changes :math:`\Delta z_t = z_t - z_{t-1}`:
 

@@ -1,4 +1,4 @@
-"""spectral_density (METHODS.md §3): stochastic Lanczos quadrature against exact spectra."""
+"""spectral_density (docs/methods/spectral-density.md): stochastic Lanczos quadrature against exact spectra."""
 
 from __future__ import annotations
 

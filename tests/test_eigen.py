@@ -1,4 +1,4 @@
-"""top_eigenvalues (METHODS.md §2) on the trained digits MLP against its exact spectrum."""
+"""top_eigenvalues (docs/methods/eigenvalues.md) on the trained digits MLP against its exact spectrum."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def test_power_deflation_and_smallest_on_known_spectrum():
 
 
 def test_power_finds_magnitude_dominant_lanczos_finds_algebraic():
-    """METHODS.md §2: power iteration converges to the eigenvalue of largest magnitude."""
+    """docs/methods/eigenvalues.md: power iteration converges to the eigenvalue of largest magnitude."""
     eig = torch.cat([torch.tensor([-10.0], dtype=torch.float64), torch.linspace(0.0, 5.0, 39, dtype=torch.float64)])
     op = MatrixOperator(_rotated(eig, seed=2))
     power = top_eigenvalues(op, method="power", tol=1e-9, max_iter=300)

@@ -1,4 +1,4 @@
-"""HessianOperator against exact float64 Hessians (METHODS.md §0): products, backends, batching,
+"""HessianOperator against exact float64 Hessians (docs/methods/index.md): products, backends, batching,
 weighting, state preservation (bit for bit) and error reporting."""
 
 from __future__ import annotations

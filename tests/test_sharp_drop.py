@@ -1,6 +1,6 @@
 """Tests of :class:`lightning_hessian.signals.sharp_drop.TraceSharpDropDetector` on synthetic trace series.
 
-The generator mimics the trajectories of ``papers/hessian-dynamics-trace-maxeig.txt`` §7.7: the
+The generator mimics the trajectories of Alabdulkareem (NeurIPS 2022), §7.7: the
 trace rises early in training, plateaus (noisily), then falls suddenly by a large fraction over
 a few evaluations and stays low. The negatives are what must not be mistaken for that.
 """

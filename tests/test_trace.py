@@ -1,4 +1,4 @@
-"""hessian_trace (METHODS.md §1) against exact traces: confidence-interval coverage over many
+"""hessian_trace (docs/methods/trace.md) against exact traces: confidence-interval coverage over many
 seeds, calibrated standard errors, the corrected Chebyshev stopping rule, and Hutch++."""
 
 from __future__ import annotations

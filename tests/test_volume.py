@@ -1,4 +1,4 @@
-"""Tests of :func:`lightning_hessian.volume.local_volume` (METHODS.md §4, paper §3)."""
+"""Tests of :func:`lightning_hessian.volume.local_volume` (docs/methods/local-volume.md, paper §3)."""
 
 from __future__ import annotations
 

@@ -44,10 +44,10 @@ class HessianMonitor(CurvatureCallback):
     the mean loss over a fixed analysis set (``analysis_fraction`` of the training dataset,
     drawn once with ``seed``; the same samples every epoch and after resuming), with the model
     in eval mode. One batch of ``num_runs`` Lanczos runs of ``num_steps`` steps
-    (:func:`~lightning_hessian.spectral_density`, METHODS.md §3) yields everything at once:
+    (:func:`~lightning_hessian.spectral_density`, :doc:`/methods/spectral-density`) yields everything at once:
 
     * ``trace``/``trace_stderr``: Hutchinson on the runs' Rademacher start vectors,
-      :math:`n\sum_i w_i\ell_i = v^\top H v` (``hessian-dynamics-trace-maxeig.txt`` §2.1), minus
+      :math:`n\sum_i w_i\ell_i = v^\top H v` (Alabdulkareem, NeurIPS 2022, §2.1), minus
       a zero-mean control variate built from the *other* runs' converged outlier pairs
       (:attr:`~lightning_hessian.SpectralDensity.deflated_trace_samples`: unbiased, and ~20x
       tighter on the digits MLP at no extra HVP); ``trace_stderr`` is the standard error across
@@ -69,7 +69,7 @@ class HessianMonitor(CurvatureCallback):
     ``hessian/negative_mass_threshold``, ``hessian/num_hvps``, ``hessian/seconds``), so every logger and
     ``trainer.callback_metrics`` see them (EarlyStopping / ModelCheckpoint can monitor them).
 
-    **Sharp drop** (``hessian-dynamics-trace-maxeig.txt`` §7.7, METHODS.md §5): the trace is fed to
+    **Sharp drop** (Alabdulkareem, NeurIPS 2022, §7.7; :doc:`/methods/sharp-drop-and-ood`): the trace is fed to
     a :class:`~lightning_hessian.TraceSharpDropDetector` with its confidence interval (the
     detector's standard-error test uses the Student-t width); ``hessian/trace_sharp_drop`` is logged
     (0/1 each evaluation; 1 from the confirming evaluation on) with

@@ -72,8 +72,8 @@ class LocalVolumeMonitor(CurvatureCallback):
     r"""Log the local volume (prior probability) of the network's behavioural neighbourhood.
 
     At the end of every ``every_n_epochs``-th training epoch the callback runs
-    :func:`~lightning_hessian.local_volume` (METHODS.md §4,
-    ``papers/local-volume-probability-of-sampling.txt`` §3) on a fixed analysis set
+    :func:`~lightning_hessian.local_volume` (:doc:`/methods/local-volume`;
+    Scherlis & Belrose, arXiv:2501.18812, §3) on a fixed analysis set
     (``analysis_fraction`` of the training dataset, drawn once with ``seed``; the same samples
     every epoch and after resuming; the same code as :class:`HessianMonitor`), with the model in
     eval mode: the neighbourhood is the star domain around the current weights where the cost

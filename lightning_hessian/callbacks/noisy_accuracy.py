@@ -54,7 +54,7 @@ def _global_rng_untouched(device: torch.device) -> Iterator[None]:
 class NoisyInputAccuracy(Callback):
     r"""Validation/test accuracy on inputs shifted by additive Gaussian noise (out-of-distribution).
 
-    The paper (``hessian-dynamics-trace-maxeig.txt`` §4.2 and §7.5) simulates a distribution shift
+    The paper (Alabdulkareem, NeurIPS 2022, §4.2 and §7.5) simulates a distribution shift
     by adding zero-mean Gaussian noise with standard deviation 0.25 to the inputs *after* the usual
     normalisation, and reports the test accuracy on these noisy inputs ("OOD test accuracy"),
     whose per-epoch change it regresses on the change of :math:`\lambda_{max}`

@@ -4,7 +4,7 @@ For a Rademacher probe :math:`v` (:math:`\mathbb E[vv^\top] = I`) and a block :m
 coordinates, :math:`v_b^\top (Hv)_b = \sum_{i,j\in b} v_i H_{ij} v_j + \sum_{i\in b, j\notin b}
 v_i H_{ij} v_j` has expectation :math:`\operatorname{tr}(H_{bb})`: the Hutchinson estimator of
 the block's trace reads the block's rows of the products already made for the full trace
-(``hessian-dynamics-trace-maxeig.txt`` §2.1 applied blockwise). The block samples of one probe
+(Alabdulkareem, NeurIPS 2022, §2.1, applied blockwise). The block samples of one probe
 sum, over a partition of the parameters, to the full sample :math:`v^\top Hv` exactly.
 
 Error bars are plain Hutchinson (sample standard error over the probes). The full trace's

@@ -1,7 +1,7 @@
 """Converged extreme Ritz pairs of SLQ runs: exact masses for the density, leave-one-out trace.
 
 Lanczos runs from random probes converge their extreme Ritz pairs (the Hessian's outliers) in a
-few steps. Two uses, at no extra HVP (METHODS.md §3):
+few steps. Two uses, at no extra HVP (:doc:`/methods/spectral-density`):
 
 * **density deflation**: a converged extreme eigenvalue found by every run gets its exact mass
   :math:`d/n` (multiplicity :math:`d`) instead of the probe's :math:`\\chi^2`-distributed weight;

@@ -331,7 +331,7 @@ def spectral_density(
 ) -> SpectralDensity:
     r"""Spectral density of the Hessian by stochastic Lanczos quadrature.
 
-    ``hessian-spectral-density-slq.txt`` (Ghorbani, Krishnan, Xiao 2019); METHODS.md §3. For
+    Ghorbani, Krishnan & Xiao (ICML 2019, arXiv:1901.10159); :doc:`/methods/spectral-density`. For
     each of ``num_runs`` probes :math:`v` (normalised): ``num_steps`` Lanczos steps with full
     reorthogonalisation in float64 give :math:`T = U\,\mathrm{diag}(\ell)\,U^\top`; nodes
     :math:`\ell_i`, weights :math:`w_i = U_{0i}^2` (Golub–Welsch). The density

@@ -357,7 +357,7 @@ def top_eigenvalues(
 ) -> EigenResult:
     r"""The ``k`` largest (or smallest) eigenvalues of the Hessian operator.
 
-    **Lanczos** (default, METHODS.md §2): a Krylov basis with full reorthogonalisation; Ritz
+    **Lanczos** (default, :doc:`/methods/eigenvalues`): a Krylov basis with full reorthogonalisation; Ritz
     values :math:`\theta_i` of the tridiagonal :math:`T_m` converge to the extreme algebraic
     eigenvalues. A run stops once every wanted Ritz value has an error bound
     :math:`b_i \le \mathrm{tol}\,|\theta_i|` (default ``tol = 1e-6``; a tolerance below the
@@ -377,7 +377,7 @@ def top_eigenvalues(
     ``ROUNDING_FACTOR`` :math:`\epsilon_{dtype}\|H\|`).
 
     **Power iteration** (``method="power"``, the paper's algorithm,
-    ``hessian-dynamics-trace-maxeig.txt`` §2.2, §7.4): :math:`v \leftarrow Hv/\|Hv\|`,
+    Alabdulkareem, NeurIPS 2022, §2.2, §7.4): :math:`v \leftarrow Hv/\|Hv\|`,
     :math:`\lambda = v^\top H v`; ``k > 1`` by deflation, ``which="smallest"`` on
     :math:`H - \lambda_d I` (shifted by the magnitude-dominant eigenvalue when it is positive).
     It stops when the relative change of the *unshifted* :math:`\lambda` is at most ``tol``

@@ -1,7 +1,8 @@
 """Batched Lanczos with full reorthogonalisation (float64 recurrence scalars, lean working memory).
 
 Several independent Lanczos runs advance together: every step is one ``matmat`` over the active
-runs' current vectors, so a vmapped HVP serves all runs at once (METHODS.md §0, §3).
+runs' current vectors, so a vmapped HVP serves all runs at once (:doc:`/methods/index`,
+:doc:`/methods/spectral-density`).
 """
 
 from __future__ import annotations

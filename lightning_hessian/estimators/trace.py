@@ -66,7 +66,7 @@ class TraceEstimate:
 def required_probes(std: float, mean: float, rel_tol: float, abs_tol: float, confidence: float) -> float:
     r"""Chebyshev probe count :math:`\sigma^2 / (\delta \max(\epsilon|\mu|, \epsilon_{abs})^2)`.
 
-    METHODS.md §1: the corrected form of eq. (3)/(16) of ``hessian-dynamics-trace-maxeig.txt``
+    :doc:`/methods/trace`: the corrected form of eq. (3)/(16) of Alabdulkareem (NeurIPS 2022)
     (the variance of a mean of ``i`` samples is :math:`\sigma^2/i`), with
     :math:`\delta = 1 - \text{confidence}`.
     """
@@ -181,7 +181,7 @@ def hessian_trace(
 ) -> TraceEstimate:
     r"""Stochastic estimate of the Hessian trace.
 
-    **Hutchinson** (``hessian-dynamics-trace-maxeig.txt`` §2.1, §7.2; METHODS.md §1):
+    **Hutchinson** (Alabdulkareem, NeurIPS 2022, §2.1, §7.2; :doc:`/methods/trace`):
     :math:`\mathrm{tr}(H) = \mathbb{E}[v^\top H v]` for any :math:`v` with
     :math:`\mathbb{E}[vv^\top] = I`. Rademacher probes (default) have variance
     :math:`2\sum_{i\ne j} H_{ij}^2`, below the Gaussian :math:`2\|H\|_F^2`. With a fixed

@@ -35,7 +35,7 @@ class HessianOperator:
     Represents :math:`H = \nabla^2_\theta L(\theta)` with
     :math:`L(\theta) = \sum_b \frac{|b|}{N} \ell_b(\theta)`, where :math:`\ell_b` is the mean
     loss of micro-batch :math:`b` of ``data`` and :math:`\theta` are the trainable parameters
-    (``requires_grad=True``) in ``model.parameters()`` order (METHODS.md §0). Products are
+    (``requires_grad=True``) in ``model.parameters()`` order (:doc:`/methods/index`). Products are
     accumulated over micro-batches, so memory is bounded by one batch.
 
     HVPs are computed by forward-over-reverse differentiation (``torch.func.jvp`` of

@@ -1,6 +1,7 @@
-"""Online detection of the Hessian trace's "sudden sharp drop" (METHODS.md §5).
+"""Online detection of the Hessian trace's "sudden sharp drop" (:doc:`/methods/sharp-drop-and-ood`).
 
-``papers/hessian-dynamics-trace-maxeig.txt`` §7.7 (Conjecture 3, figure 6) reports that in many
+Alabdulkareem, *Dynamics of the Hessian of the Loss during training* (NeurIPS 2022), §7.7
+(Conjecture 3, figure 6) reports that in many
 runs the trace of the Hessian, after rising during early training, falls suddenly and by a large
 amount (often more than half) within a few epochs, and that the epoch where the trace is
 *mid-drop* coincides with the epoch where validation accuracy peaks and plateaus.
@@ -76,7 +77,7 @@ def _theil_sen_slope(values: list[float]) -> float:
 
 
 class TraceSharpDropDetector:
-    r"""Flags the sudden, large, lasting fall of the Hessian trace (paper §7.7, METHODS.md §5).
+    r"""Flags the sudden, large, lasting fall of the Hessian trace (paper §7.7, :doc:`/methods/sharp-drop-and-ood`).
 
     Feed one evaluation at a time with :meth:`update`; it returns ``True`` on exactly one
     evaluation: the one that *confirms* a drop (``confirm`` evaluations after the fall ended).

@@ -1,7 +1,7 @@
-r"""Local volume of a network's behavioural neighbourhood (METHODS.md §4).
+r"""Local volume of a network's behavioural neighbourhood (:doc:`/methods/local-volume`).
 
 Implements the estimator of *Estimating the Probability of Sampling a Trained Neural Network at
-Random* (``papers/local-volume-probability-of-sampling.txt`` §3): the volume, or the probability
+Random* (Scherlis & Belrose, arXiv:2501.18812, §3): the volume, or the probability
 under the initialisation prior, of the star domain
 
 .. math::

@@ -1,4 +1,4 @@
-r"""The local-volume estimator as a pipeline of named steps (METHODS.md §4, paper §3).
+r"""The local-volume estimator as a pipeline of named steps (:doc:`/methods/local-volume`, paper §3).
 
 validated config (:mod:`.config`) → cost and anchor check (:mod:`.cost`) → preconditioner
 (:mod:`.preconditioner`, :mod:`.ggn_diagonal`) → prior/measure (:mod:`.prior`, :mod:`.measure`)
@@ -116,7 +116,8 @@ def local_volume(
 ) -> VolumeEstimate:
     r"""Estimate the local volume (or prior probability) of the behavioural neighbourhood of ``model``.
 
-    Paper §3 (``papers/local-volume-probability-of-sampling.txt``), METHODS.md §4.
+    Scherlis & Belrose, *Estimating the Probability of Sampling a Trained Neural Network at Random*
+    (arXiv:2501.18812), §3; :doc:`/methods/local-volume`.
 
     **Cost.** :math:`C(\theta') \ge 0` with :math:`C(\theta) = 0`, a float64 size-weighted mean
     over all batches of ``data`` (the analysis set), with the model in eval mode:

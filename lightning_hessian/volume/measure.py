@@ -2,7 +2,7 @@ r"""The measures: the Lebesgue volume and the Gaussian prior probability of a st
 
 Given per-direction radii :math:`r_i` along unit directions :math:`\hat v_i = v_i/\|v_i\|`
 (:math:`v_i = P u_i`, :math:`u_i` uniform on the sphere, :math:`\det P = 1`), each direction
-contributes one importance-weighted estimate (paper eqs. 15 and 19, METHODS.md §4):
+contributes one importance-weighted estimate (paper eqs. 15 and 19, :doc:`/methods/local-volume`):
 
 - Lebesgue: :math:`\log|S^{n-1}| - \log n + n(\log r_i - \log\|v_i\|)`;
 - Gaussian :math:`N(0, \mathrm{diag}(s^2))`: :math:`\log|S^{n-1}| - \tfrac n2\log 2\pi - \sum_j\log s_j
@@ -47,7 +47,7 @@ def _log_ndtr_diff(alpha: Tensor, beta: Tensor) -> Tensor:
 
 
 def log_radial_gaussian_integral(a: Tensor, b: Tensor, n: int, r: Tensor) -> Tensor:
-    r"""``log ∫_0^r exp(-a t²/2 - b t) t^{n-1} dt`` by a second-order expansion (METHODS.md §4).
+    r"""``log ∫_0^r exp(-a t²/2 - b t) t^{n-1} dt`` by a second-order expansion (:doc:`/methods/local-volume`).
 
     The log-integrand :math:`g(t) = -\tfrac12 a t^2 - b t + (n-1)\log t` is concave with its
     maximum at :math:`t^* = (-b + \sqrt{b^2 + 4a(n-1)})/(2a)`. ``g`` is expanded to second order

@@ -1,4 +1,4 @@
-r"""Diagonal preconditioners :math:`P` for the local-volume estimator (METHODS.md §4).
+r"""Diagonal preconditioners :math:`P` for the local-volume estimator (:doc:`/methods/local-volume`).
 
 Every named preconditioner is built from a per-coordinate *scale* :math:`s_j = |d_j|^{e}`
 (``e = preconditioner_exponent``, default ½) and a scale-free :math:`\varepsilon`:
