@@ -104,7 +104,7 @@ def main() -> None:
     monitor_seconds = sum(row["seconds"] for row in monitor.history)
     print(f"\ntotal {total:.1f} s, of which HessianMonitor {monitor_seconds:.1f} s")
     print(f"final val/acc {float(trainer.callback_metrics['val/acc']):.3f}")
-    print(f"TensorBoard logs: {logger.log_dir}\n  tensorboard --logdir {args.logdir}")
+    print(f"TensorBoard logs: {logger.log_dir}\n  tensorboard --logdir {args.logdir} --samples_per_plugin images=0")
 
 
 if __name__ == "__main__":

@@ -221,8 +221,8 @@ class _EpochLocator:
 
     Lightning writes ``epoch`` with every ``log_metrics`` call, at the same step and (nearly) the
     same wall time as the metrics. A scalar takes the epoch logged at its step (the nearest in
-    wall time if several epochs share the step). Histograms are written by callbacks at
-    ``global_step`` just before Lightning flushes the epoch's metrics, so an event without an
+    wall time if several epochs share the step). Histograms are written by callbacks at the step
+    of the epoch's scalars just before Lightning flushes the epoch's metrics, so an event without an
     ``epoch`` at its step (and every histogram) takes the epoch of the next flush in wall time.
     """
 

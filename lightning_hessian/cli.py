@@ -33,7 +33,7 @@ from lightning_hessian.analysis import (
 
 __all__ = ["build_parser", "main", "plot_run"]
 
-_PLOT_EXTRA = "pip install lightning_hessian[plot]"
+_PLOT_EXTRA = 'install the `plot` extra (`python -m pip install ".[plot]"` in a clone) or matplotlib'
 _MAX_DENSITY_LINES = 8
 
 
@@ -77,37 +77,77 @@ def _save(fig: Any, path: Path, dpi: int) -> Path:
     return path
 
 
-def _plot_curves(table: MetricsTable, prefix: str, path: Path, dpi: int) -> Path | None:
+# y-axis label of each curve panel (title, label)
+_CURVE_PANELS = (
+    ("min_eigenvalue", "smallest eigenvalue", "λ_min"),
+    ("negative_mass", "negative mass", "fraction of eigenvalues below −τ"),
+)
+_VOLUME_UNITS = {
+    "log_volume": "nats",
+    "log_volume_lower_bound": "nats",
+    "log10_probability": "log₁₀ P",
+    "description_length_bits": "bits",
+    "effective_sample_size": "directions",
+    "top_weight_share": "share of the estimate",
+    "log_radius_mean": "log radius",
+    "log_contribution_std": "nats",
+    "overhead": "evaluation time / training time",
+}
+
+
+def _trace_band(ax: Any, table: MetricsTable, prefix: str, epochs: np.ndarray) -> None:
+    """The logged 95 % Student-t interval of the trace (or ±1 stderr for logs without it), labelled."""
+    trace = table.column(f"{prefix}trace")
+    rows = np.isfinite(trace)
+    low_name, high_name = f"{prefix}trace_ci_low", f"{prefix}trace_ci_high"
+    if low_name in table and high_name in table:
+        low, high = table.column(low_name)[rows], table.column(high_name)[rows]
+        label = "95 % interval (Student-t, num_runs − 1 dof)"
+    elif f"{prefix}trace_stderr" in table:
+        stderr = table.column(f"{prefix}trace_stderr")[rows]
+        low, high = trace[rows] - stderr, trace[rows] + stderr
+        label = "± 1 stderr (no interval logged; not a 95 % interval)"
+    else:
+        return
+    ok = np.isfinite(low) & np.isfinite(high)
+    ax.fill_between(epochs[ok], low[ok], high[ok], alpha=0.25, label=label)
+
+
+def _curve_panels(table: MetricsTable, prefix: str) -> list[tuple[str, str, list[str]]]:
     top = sorted(
         (n for n in table.names if re.fullmatch(re.escape(prefix) + r"top_eigenvalue(_\d+)?", n)),
         key=lambda n: int(n.rsplit("_", 1)[1]) if n[-1].isdigit() else 1,
     )
-    panels: list[tuple[str, list[str]]] = []
+    panels: list[tuple[str, str, list[str]]] = []
     if f"{prefix}trace" in table:
-        panels.append(("trace", [f"{prefix}trace"]))
+        panels.append(("trace", "tr(H)", [f"{prefix}trace"]))
     if top:
-        panels.append(("top eigenvalue" + ("s" if len(top) > 1 else ""), top))
-    for name, title in (("min_eigenvalue", "smallest eigenvalue"), ("negative_mass", "negative mass")):
+        panels.append(("top eigenvalue" + ("s" if len(top) > 1 else ""), "eigenvalue", top))
+    for name, title, ylabel in _CURVE_PANELS:
         if f"{prefix}{name}" in table:
-            panels.append((title, [f"{prefix}{name}"]))
+            panels.append((title, ylabel, [f"{prefix}{name}"]))
+    return panels
+
+
+def _plot_curves(table: MetricsTable, prefix: str, path: Path, dpi: int) -> Path | None:
+    panels = _curve_panels(table, prefix)
     if not panels:
         return None
     drop = _sharp_drop_epoch(table, prefix)
     fig = _new_figure(10, 3.2 * math.ceil(len(panels) / 2))
-    for ax, (title, names) in zip(_grid(fig, len(panels), 2), panels, strict=False):
+    for ax, (title, ylabel, names) in zip(_grid(fig, len(panels), 2), panels, strict=False):
         for name in names:
             epochs, values = _finite(table, name)
             ax.plot(epochs, values, marker="o", ms=3, label=name.removeprefix(prefix))
-            if name == f"{prefix}trace" and f"{prefix}trace_stderr" in table:
-                stderr = table.column(f"{prefix}trace_stderr")[np.isfinite(table.column(name))]
-                ok = np.isfinite(stderr)
-                ax.fill_between(epochs[ok], (values - stderr)[ok], (values + stderr)[ok], alpha=0.25, label="± stderr")
+            if name == f"{prefix}trace":
+                _trace_band(ax, table, prefix, epochs)
         if drop is not None and title == "trace":
-            ax.axvline(drop, color="red", ls="--", lw=1, label=f"sharp drop (epoch {drop:g})")
+            ax.axvline(drop, color="red", ls="--", lw=1, label=f"sharp drop ({table.index_name} {drop:g})")
         if title == "smallest eigenvalue":
             ax.axhline(0.0, color="grey", lw=0.5)
         ax.set_title(title)
         ax.set_xlabel(table.index_name)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if len(names) > 1 or title == "trace":
             ax.legend(fontsize=8)
@@ -128,9 +168,14 @@ def _plot_volume(table: MetricsTable, prefix: str, path: Path, dpi: int) -> Path
         if name == f"{prefix}log_radius_mean" and f"{prefix}log_radius_std" in table:
             std = table.column(f"{prefix}log_radius_std")[np.isfinite(table.column(name))]
             ok = np.isfinite(std)
-            ax.fill_between(epochs[ok], (values - std)[ok], (values + std)[ok], alpha=0.25)
-        ax.set_title(name.removeprefix(prefix), fontsize=10)
+            ax.fill_between(
+                epochs[ok], (values - std)[ok], (values + std)[ok], alpha=0.25, label="± 1 std over directions"
+            )
+            ax.legend(fontsize=8)
+        short = name.removeprefix(prefix)
+        ax.set_title(short, fontsize=10)
         ax.set_xlabel(table.index_name)
+        ax.set_ylabel(_VOLUME_UNITS.get(short, "count" if short.startswith("num_") else short))
         ax.grid(alpha=0.3)
     fig.suptitle("Local volume")
     return _save(fig, path, dpi)
@@ -228,8 +273,10 @@ def plot_run(
 ) -> dict[str, Path | str]:
     """Render a run's metrics to PNG files in ``out_dir``.
 
-    Files (each only if its metrics exist): ``curves.png`` (trace with a ±stderr band and the
-    sharp-drop epoch, top eigenvalue(s), smallest eigenvalue, negative mass), ``volume.png``
+    Files (each only if its metrics exist): ``curves.png`` (trace with its logged 95 % Student-t
+    interval as a band, or ±1 stderr for logs without ``trace_ci_low``/``trace_ci_high``, and the
+    sharp-drop epoch; top eigenvalue(s), smallest eigenvalue, negative mass; every panel with its
+    y-axis label), ``volume.png``
     (``volume/*``), ``accuracy.png`` (every metric whose name contains ``acc``, with the trace on
     a second axis as in the paper's Figure 6), ``loss.png`` (names containing ``loss``) and
     ``density.png`` (TensorBoard runs: the eigenvalue density per epoch as a log-colour heatmap,
@@ -239,7 +286,7 @@ def plot_run(
         ``name -> path`` of every file written, and ``name -> reason`` (a string) for those not.
 
     Raises:
-        ImportError: matplotlib is not installed (``pip install lightning_hessian[plot]``).
+        ImportError: matplotlib is not installed (the ``plot`` extra).
     """
     try:
         import matplotlib  # noqa: F401
@@ -330,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="OLS of per-epoch changes of test/OOD accuracy on the top eigenvalue (paper Table 1)",
         description=(
             "Fit Δtest ~ Δλmax, Δtest ~ Δλmax + Δval, Δood ~ Δλmax, Δood ~ Δλmax + Δval "
-            "(hessian-dynamics-trace-maxeig §4.2, Table 1). Several runs are pooled (differences within each run)."
+            "(Alabdulkareem, NeurIPS 2022, §4.2, Table 1). Several runs are pooled (differences within each run)."
         ),
     )
     regress.add_argument("runs", metavar="RUN_DIR", nargs="+", help="one or more runs to pool")

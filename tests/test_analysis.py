@@ -406,7 +406,7 @@ def test_load_density_from_raw_histograms(tmp_path: Path):
             step += 1
         density = np.exp(-0.5 * ((grid - epoch) / 0.3) ** 2) / (0.3 * math.sqrt(2 * math.pi))
         counts = density * (grid[1] - grid[0]) * n
-        # like HessianMonitor: at global_step (the next epoch's first step), before the epoch's flush
+        # like HessianMonitor: at the step of the epoch's scalars, before the epoch's flush
         writer.add_histogram_raw(
             "hessian/eigenvalue_density",
             min=-1.0,
@@ -416,7 +416,7 @@ def test_load_density_from_raw_histograms(tmp_path: Path):
             sum_squares=0.0,
             bucket_limits=grid.tolist(),
             bucket_counts=counts.tolist(),
-            global_step=step,
+            global_step=step - 1,
         )
         writer.add_scalar("hessian/trace", float(epoch), step - 1)
         writer.add_scalar("epoch", epoch, step - 1)

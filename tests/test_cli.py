@@ -171,6 +171,49 @@ def test_plot_run_on_a_csv_log_leaves_the_backend_alone(tmp_path: Path):
     assert written["loss.png"] == "no *loss* metrics"
 
 
+def _curve_axes(table: MetricsTable, monkeypatch) -> dict[str, object]:
+    """The axes of curves.png, by panel title (the figure is caught before it is saved)."""
+    import lightning_hessian.cli as cli
+
+    figures = []
+    monkeypatch.setattr(cli, "_save", lambda fig, path, dpi: figures.append(fig) or path)
+    assert cli._plot_curves(table, "hessian/", Path("unused.png"), 60) is not None
+    (fig,) = figures
+    return {ax.get_title(): ax for ax in fig.get_axes()}
+
+
+def test_curve_panels_have_y_labels_and_the_trace_band_is_the_logged_95_interval(tmp_path: Path, monkeypatch):
+    n = 6
+    trace = np.linspace(40.0, 10.0, n)
+    data = {
+        "hessian/trace": trace,
+        "hessian/trace_stderr": np.full(n, 1.0),
+        "hessian/trace_ci_low": trace - 4.3,  # 3 runs: ±4.30 stderr, not ±1
+        "hessian/trace_ci_high": trace + 4.3,
+        "hessian/top_eigenvalue": np.linspace(5.0, 2.0, n),
+        "hessian/min_eigenvalue": np.linspace(-0.2, -0.01, n),
+        "hessian/negative_mass": np.linspace(0.1, 0.01, n),
+    }
+    axes = _curve_axes(MetricsTable(np.arange(n), data), monkeypatch)
+    assert set(axes) == {"trace", "top eigenvalue", "smallest eigenvalue", "negative mass"}
+    assert all(ax.get_ylabel() for ax in axes.values())
+    assert axes["trace"].get_ylabel() == "tr(H)"
+    (band,) = axes["trace"].collections
+    assert band.get_label().startswith("95 % interval (Student-t")
+    legend = [t.get_text() for t in axes["trace"].get_legend().get_texts()]
+    assert band.get_label() in legend
+    low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    assert low == pytest.approx(trace.min() - 4.3) and high == pytest.approx(trace.max() + 4.3)
+
+    # an older log without the interval: the band is ±1 stderr and says so
+    for name in ("hessian/trace_ci_low", "hessian/trace_ci_high"):
+        del data[name]
+    axes = _curve_axes(MetricsTable(np.arange(n), data), monkeypatch)
+    (band,) = axes["trace"].collections
+    assert "not a 95 % interval" in band.get_label()
+    assert band.get_paths()[0].vertices[:, 1].max() == pytest.approx(trace.max() + 1.0)
+
+
 def test_errors_and_help(tmp_path: Path, capsys, monkeypatch):
     assert main(["table", str(tmp_path / "missing")]) == 1
     assert "lightning_hessian table: error: No such file" in capsys.readouterr().err
@@ -188,4 +231,4 @@ def test_errors_and_help(tmp_path: Path, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert main(["plot", str(tmp_path)]) == 1
-    assert "pip install lightning_hessian[plot]" in capsys.readouterr().err
+    assert 'python -m pip install ".[plot]"' in capsys.readouterr().err

@@ -11,6 +11,9 @@ which speaks each supported logger's own API:
 * ``MLFlowLogger``: the figure as a PNG artifact (``log_figure``) and the histogram as a JSON
   artifact (``log_dict``: edges, counts and summary), one file per evaluation, named after the
   epoch and global step.
+
+Every histogram and figure goes at the step of the scalars of the same evaluation
+(:func:`scalar_step`), so TensorBoard's Scalars, Histograms and Images tabs line up.
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ from torch import Tensor
 
 from lightning_hessian.estimators.density import SpectralDensity
 
-__all__ = ["WANDB_MAX_BINS", "ArtifactPublisher", "Histogram", "density_figure", "density_histogram"]
+__all__ = [
+    "WANDB_MAX_BINS",
+    "ArtifactPublisher",
+    "Histogram",
+    "density_figure",
+    "density_histogram",
+    "scalar_step",
+]
 
 WANDB_MAX_BINS = 512
 _SUPPORTED = (TensorBoardLogger, WandbLogger, MLFlowLogger)
@@ -149,6 +159,24 @@ def density_figure(sd: SpectralDensity, epoch: int) -> Any:
     return fig
 
 
+def scalar_step(trainer: Any) -> int:
+    """The logger step at which the scalars of an evaluation running now are written.
+
+    At the end of a training epoch, Lightning writes the epoch's metrics (``on_epoch=True``) at
+    one less than the number of batches that stepped the optimizers (its
+    ``fit_loop.epoch_loop._batches_that_stepped``, decremented around
+    ``update_train_epoch_metrics``): the step of the epoch's last batch, e.g. 50, 101, ... with 51
+    batches per epoch, while ``trainer.global_step`` already reads 51, 102, ... (and counts every
+    optimizer's step). Inside ``on_train_batch_end`` (a step schedule) the callbacks write their
+    scalars themselves at ``trainer.global_step``. Histograms and figures use the same step.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    batch = loop.batch_progress.current
+    if batch.processed > batch.completed:  # inside on_train_batch_end: the step schedule's own step
+        return int(trainer.global_step)
+    return max(int(loop._batches_that_stepped) - 1, 0)
+
+
 def _png(figure: Any) -> Any:
     """A PIL image of a matplotlib figure (what ``wandb.Image`` takes without pyplot)."""
     from PIL import Image
@@ -190,15 +218,20 @@ class ArtifactPublisher:
         *,
         histograms: Mapping[str, Histogram] | None = None,
         figures: Mapping[str, FigureFactory] | None = None,
+        step: int | None = None,
     ) -> None:
-        """Log ``histograms`` and the figures made by ``figures`` (tag -> factory) at the global step."""
+        """Log ``histograms`` and the figures made by ``figures`` (tag -> factory).
+
+        At ``step``, by default the step of this evaluation's scalars (:func:`scalar_step`).
+        """
         loggers = self.loggers(trainer)
         if not loggers:
             return
         histograms = dict(histograms or {})
         made = {tag: make() for tag, make in (figures or {}).items()}
         made = {tag: fig for tag, fig in made.items() if fig is not None}
-        step, epoch = trainer.global_step, trainer.current_epoch
+        step = scalar_step(trainer) if step is None else step
+        epoch = trainer.current_epoch
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
                 _tensorboard(logger, histograms, made, step)
