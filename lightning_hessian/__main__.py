@@ -1,8 +1,8 @@
-"""``python -m lightning_hessian {plot,regress,table} ...``: see :mod:`lightning_hessian.cli`."""
+"""``python -m lightning_hessian {plot,regress,table} ...``: see :mod:`lightning_hessian.analysis.cli`."""
 
 import sys
 
-from lightning_hessian.cli import main
+from lightning_hessian.analysis.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

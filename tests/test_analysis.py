@@ -16,9 +16,6 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning_hessian.analysis import (
     CurvatureRegressions,
     MetricsTable,
-    _betainc,
-    _f_sf,
-    _t_two_sided_pvalue,
     curvature_regressions,
     find_run,
     load_density,
@@ -26,6 +23,7 @@ from lightning_hessian.analysis import (
     ols,
     regression_table,
 )
+from lightning_hessian.analysis._distributions import _betainc, _f_sf, _t_two_sided_pvalue
 from tests.lightning_helpers import DigitsModule, digits_loader, trainer_kwargs
 
 scipy_stats = pytest.importorskip("scipy.stats")

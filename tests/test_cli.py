@@ -173,11 +173,11 @@ def test_plot_run_on_a_csv_log_leaves_the_backend_alone(tmp_path: Path):
 
 def _curve_axes(table: MetricsTable, monkeypatch) -> dict[str, object]:
     """The axes of curves.png, by panel title (the figure is caught before it is saved)."""
-    import lightning_hessian.cli as cli
+    import lightning_hessian.analysis.plots as plots
 
     figures = []
-    monkeypatch.setattr(cli, "_save", lambda fig, path, dpi: figures.append(fig) or path)
-    assert cli._plot_curves(table, "hessian/", Path("unused.png"), 60) is not None
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: figures.append(fig) or path)
+    assert plots._plot_curves(table, "hessian/", Path("unused.png"), 60) is not None
     (fig,) = figures
     return {ax.get_title(): ax for ax in fig.get_axes()}
 
