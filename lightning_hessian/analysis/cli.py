@@ -1,6 +1,6 @@
 """Command line: ``python -m lightning_hessian {plot,regress,table} RUN_DIR`` (also ``lightning-hessian``).
 
-* ``plot``: a run's curves and density evolution as PNG files (:func:`~.plots.plot_run`,
+* ``plot``: a run's curves and density evolution as PNG files (:func:`~lightning_hessian.analysis.plots.plot_run`,
   matplotlib, ``[plot]`` extra); the command selects the non-interactive Agg backend;
 * ``regress``: the paper's OLS regressions of per-epoch changes (Table 1 layout);
 * ``table``: the per-epoch metrics table (optionally written as CSV).

@@ -109,32 +109,10 @@ class OLSResult:
         return regression_table({self.dependent: self}, digits=digits)
 
 
-def ols(
-    y: Sequence[float] | np.ndarray,
-    regressors: Mapping[str, Sequence[float] | np.ndarray],
-    add_constant: bool = True,
-    *,
-    dependent: str = "y",
-) -> OLSResult:
-    r"""Ordinary least squares of ``y`` on the named ``regressors`` (plus a constant).
-
-    Rows with a NaN or infinite value in ``y`` or any regressor are dropped. The fit uses a QR
-    decomposition of the design matrix :math:`X = QR`: :math:`\hat\beta = R^{-1}Q^\top y`,
-    :math:`(X^\top X)^{-1} = R^{-1}R^{-\top}`. p-values use the regularised incomplete beta
-    function (continued fraction, Numerical Recipes §6.4): two-sided t,
-    :math:`I_{\nu/(\nu+t^2)}(\nu/2, 1/2)`, and F, :math:`I_{d_2/(d_2+d_1F)}(d_2/2, d_1/2)`.
-    A perfect fit (zero residuals) is not an error: standard errors are 0, t and F infinite,
-    p-values 0, the log-likelihood :math:`+\infty` and AIC/BIC :math:`-\infty`.
-
-    Args:
-        y: Dependent variable, 1-D.
-        regressors: Name -> 1-D array of the same length as ``y``.
-        add_constant: Prepend an intercept named ``"const"``.
-        dependent: Name of ``y`` in summaries.
-
-    Raises:
-        ValueError: Mismatched shapes, no more complete rows than parameters, or collinear regressors.
-    """
+def _design(
+    y: Sequence[float] | np.ndarray, regressors: Mapping[str, Sequence[float] | np.ndarray], add_constant: bool
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The design matrix and ``y`` on the complete rows, and the column names (checked)."""
     y_arr = np.asarray(y, dtype=np.float64)
     if y_arr.ndim != 1:
         raise ValueError(f"`y` must be 1-D, got shape {y_arr.shape}.")
@@ -164,6 +142,37 @@ def ols(
     rank = int(np.linalg.matrix_rank(x_mat))
     if rank < k:
         raise ValueError(f"The regressors {names} are collinear (rank {rank} < {k} parameters).")
+    return x_mat, y_vec, names
+
+
+def ols(
+    y: Sequence[float] | np.ndarray,
+    regressors: Mapping[str, Sequence[float] | np.ndarray],
+    add_constant: bool = True,
+    *,
+    dependent: str = "y",
+) -> OLSResult:
+    r"""Ordinary least squares of ``y`` on the named ``regressors`` (plus a constant).
+
+    Rows with a NaN or infinite value in ``y`` or any regressor are dropped. The fit uses a QR
+    decomposition of the design matrix :math:`X = QR`: :math:`\hat\beta = R^{-1}Q^\top y`,
+    :math:`(X^\top X)^{-1} = R^{-1}R^{-\top}`. p-values use the regularised incomplete beta
+    function (continued fraction, Numerical Recipes §6.4): two-sided t,
+    :math:`I_{\nu/(\nu+t^2)}(\nu/2, 1/2)`, and F, :math:`I_{d_2/(d_2+d_1F)}(d_2/2, d_1/2)`.
+    A perfect fit (zero residuals) is not an error: standard errors are 0, t and F infinite,
+    p-values 0, the log-likelihood :math:`+\infty` and AIC/BIC :math:`-\infty`.
+
+    Args:
+        y: Dependent variable, 1-D.
+        regressors: Name -> 1-D array of the same length as ``y``.
+        add_constant: Prepend an intercept named ``"const"``.
+        dependent: Name of ``y`` in summaries.
+
+    Raises:
+        ValueError: Mismatched shapes, no more complete rows than parameters, or collinear regressors.
+    """
+    x_mat, y_vec, names = _design(y, regressors, add_constant)
+    n, k = x_mat.shape
 
     q, r = np.linalg.qr(x_mat)
     beta = np.linalg.solve(r, q.T @ y_vec)

@@ -8,10 +8,11 @@ validated config (:mod:`.config`) → cost and anchor check (:mod:`.cost`) → p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -305,37 +306,25 @@ def local_volume(
         root_finder=root_finder,
         max_evaluations=max_evaluations,
     )
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("The model has no trainable parameters (requires_grad=True): nothing to perturb.")
-    names = [name for name, _ in named]
-    params: list[Tensor] = [p for _, p in named]
-    device = params[0].device
+    names, params = _trainable(model)
     log_s = log_prior_std(prior_std, names, params) if config.measure == "gaussian" else None
-    base_seed, aux_generator = direction_seeds(seed, all_reduce, device)
-
-    with (
-        preserved_model_state(model),
-        derivative_friendly_attention(),
-        torch.no_grad(),
-        torch.autocast(device_type=device.type, enabled=False),
-    ):
-        model.eval()
+    base_seed, aux_generator = direction_seeds(seed, all_reduce, params[0].device)
+    with _analysis_mode(model, params[0].device):
+        # cost and anchor: C(theta) must be below the cutoff
         evaluator = _cost_evaluator(model, config, mask_fn, batch_size_fn, names, params, all_reduce)
         theta = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
         _check_anchor_cost(evaluator, theta, config.cutoff)
+        # preconditioner(s), then the shared search set-up and the flat coordinates
         candidates, hvps, passes = _candidates(config, optimizer, evaluator, names, params, aux_generator, all_reduce)
         setup = _setup(config, evaluator, theta, names, log_s, base_seed)
         flat, flat_passes = _flat(setup, aux_generator, all_reduce)
+        # directions and radii, per candidate
         share = None if progress is None else _shared(progress, len(candidates))
         searches = [(candidate, _search(setup, candidate, share)) for candidate in candidates]
-    estimates = [_estimate(setup, candidate, search, flat) for candidate, search in searches]
-    best = max(range(len(estimates)), key=lambda i: _order(estimates[i].log_volume))
-    result = estimates[best]
-    result.selection_log_penalty = math.log(len(estimates))
+    result = _select(setup, searches, flat)
     result.preconditioner_hvps = hvps
     result.preconditioner_passes = passes
-    result.num_forward_passes = sum(int(s.evaluations.sum()) for _, s in searches) + 1 + flat_passes
+    result.num_forward_passes += 1 + flat_passes  # + the anchor check and the flat-coordinate check
     result.seconds = time.perf_counter() - started
     return result
 
@@ -343,6 +332,40 @@ def local_volume(
 # --------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------
+
+
+def _trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    """Names and tensors of the parameters to perturb (``requires_grad``), in registration order."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("The model has no trainable parameters (requires_grad=True): nothing to perturb.")
+    return [name for name, _ in named], [p for _, p in named]
+
+
+@contextlib.contextmanager
+def _analysis_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode, no autograd graph, no autocast, the math attention kernel; the model restored after."""
+    with (
+        preserved_model_state(model),
+        derivative_friendly_attention(),
+        torch.no_grad(),
+        torch.autocast(device_type=device.type, enabled=False),
+    ):
+        model.eval()
+        yield
+
+
+def _select(setup: _Setup, searches: list[tuple[_Candidate, RadiiSearch]], flat: dict[str, int]) -> VolumeEstimate:
+    """Each candidate's estimate; the largest one, charged ``log(number of candidates)``.
+
+    ``num_forward_passes`` counts the radius searches of every candidate (the caller adds the rest).
+    """
+    estimates = [_estimate(setup, candidate, search, flat) for candidate, search in searches]
+    best = max(range(len(estimates)), key=lambda i: _order(estimates[i].log_volume))
+    result = estimates[best]
+    result.selection_log_penalty = math.log(len(estimates))
+    result.num_forward_passes = sum(int(s.evaluations.sum()) for _, s in searches)
+    return result
 
 
 def _cost_evaluator(
