@@ -17,10 +17,12 @@ PY="${PYTHON:-python}"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 cd "$ROOT"
-HAD_BUILD_DIR=0
+HAD_BUILD_DIR=0 HAD_EGG_INFO=0
 [ -e "$ROOT/build" ] && HAD_BUILD_DIR=1
-clean_build_dir() {  # setuptools' staging folder, left in the clone by --no-isolation
+[ -e "$ROOT/lightning_hessian.egg-info" ] && HAD_EGG_INFO=1
+clean_build_dir() {  # setuptools' staging folders, left in the clone by --no-isolation
     [ "$HAD_BUILD_DIR" = 1 ] || rm -rf "$ROOT/build"
+    [ "$HAD_EGG_INFO" = 1 ] || rm -rf "$ROOT/lightning_hessian.egg-info"
 }
 
 echo "== python -m build --wheel"
