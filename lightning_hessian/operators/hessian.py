@@ -22,7 +22,9 @@ from lightning_hessian.operators._batches import (
     _nbytes,
 )
 from lightning_hessian.operators._state import _analysis_mode, preserved_model_state
+from lightning_hessian.operators.space import VectorSpace
 from lightning_hessian.operators.base import _check_matrix, _matvec_via_matmat
+from lightning_hessian.operators.sharded import dtensor_parameters, fsdp2_error
 
 __all__ = ["Backend", "HessianOperator"]
 
@@ -94,11 +96,17 @@ class HessianOperator:
             of the analysis data, and every product is the product of the global Hessian.
             One collective of ``num_params * k + 3`` float64 numbers per product of ``k`` vectors
             (the sums, the total weight, the loss, a failure flag).
+        vector_space: The :class:`~lightning_hessian.operators.space.VectorSpace` the estimators
+            use for this operator's vectors (default: plain local tensors). Pass
+            ``parameter_space(model_parameters)`` (:mod:`~lightning_hessian.operators.sharded_space`)
+            to draw per-parameter probes, the same as an FSDP2 run of the model draws
+            (:class:`~lightning_hessian.operators.sharded.ShardedHessianOperator`).
 
     Raises:
         ValueError: ``data`` is empty, or the model has no trainable parameters.
-        TypeError: Neither or both of ``loss_fn`` / ``batch_loss``, or ``data`` is a one-shot
-            iterator.
+        TypeError: Neither or both of ``loss_fn`` / ``batch_loss``, ``data`` is a one-shot
+            iterator, or the parameters are DTensors (FSDP2 ``fully_shard``: use
+            :class:`~lightning_hessian.operators.sharded.ShardedHessianOperator`).
 
     Example:
         >>> import torch
@@ -133,9 +141,13 @@ class HessianOperator:
         cache_batches: bool = True,
         max_cache_bytes: int = 1 << 30,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
+        vector_space: VectorSpace | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        sharded = dtensor_parameters(model)
+        if sharded:  # FSDP2 / tensor parallel: functional AD of local shards would give zeros
+            raise fsdp2_error(type(self).__name__, sharded)
         if (loss_fn is None) == (batch_loss is None):
             raise TypeError(
                 "Pass exactly one of `loss_fn` (for (inputs, targets) batches) and `batch_loss` "
@@ -167,6 +179,7 @@ class HessianOperator:
         self.cache_batches = bool(cache_batches)
         self.max_cache_bytes = int(max_cache_bytes)
         self.all_reduce = all_reduce
+        self.vector_space = vector_space
         self._requested: Backend = backend
         self._cached: list[tuple[Any, float]] | None = None
         self._num_hvps = 0

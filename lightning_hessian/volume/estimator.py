@@ -22,6 +22,7 @@ from lightning_hessian.operators import (
     derivative_friendly_attention,
     preserved_model_state,
 )
+from lightning_hessian.operators.sharded import dtensor_parameters, fsdp2_error
 from lightning_hessian.operators._batches import _default_batch_size, _move
 from lightning_hessian.volume.config import (
     CostFn,
@@ -307,6 +308,9 @@ def local_volume(
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("The model has no trainable parameters (requires_grad=True): nothing to perturb.")
+    sharded = dtensor_parameters(model)
+    if sharded:  # FSDP2: functional_call on local shards would perturb nothing meaningful
+        raise fsdp2_error("local_volume", sharded)
     names = [name for name, _ in named]
     params: list[Tensor] = [p for _, p in named]
     device = params[0].device

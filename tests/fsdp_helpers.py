@@ -1,0 +1,137 @@
+"""Building blocks of ``tests/test_sharded.py``: 2-process CPU (gloo) FSDP2 runs whose results land in files.
+
+``python -m tests.fsdp_helpers <scenario> <out_dir> [world_size]`` spawns the processes (a free
+port, gloo), runs the scenario on every rank and writes ``<out_dir>/rank<r>.pt``; the test runs
+it in a subprocess with a wall-clock timeout, so a deadlock fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+NUM_SAMPLES = 13  # uneven shards (7 / 6) of uneven micro-batches
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tiny_mlp(dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def tiny_data(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(NUM_SAMPLES, 6, generator=g, dtype=dtype), torch.randint(0, 3, (NUM_SAMPLES,), generator=g)
+
+
+def shard_batches(rank: int, world_size: int, batch_size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's contiguous share of the samples, in micro-batches of ``batch_size``."""
+    x, y = tiny_data()
+    bounds = [round(i * NUM_SAMPLES / world_size) for i in range(world_size + 1)]
+    xs, ys = x[bounds[rank] : bounds[rank + 1]], y[bounds[rank] : bounds[rank + 1]]
+    return [(xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, xs.shape[0], batch_size)]
+
+
+def sharded(model: nn.Module, world_size: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def global_vectors(num: int) -> torch.Tensor:
+    n = sum(p.numel() for p in tiny_mlp().parameters())
+    return torch.randn(n, num, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+def functional(rank: int, world_size: int) -> dict[str, Any]:
+    """ShardedHessianOperator products, probes, estimators; HessianOperator's error on the same module."""
+    from lightning_hessian import HessianOperator
+    from lightning_hessian.operators.sharded import ShardedHessianOperator
+
+    model = sharded(tiny_mlp(), world_size)
+    data = shard_batches(rank, world_size)
+    loss_fn = nn.functional.cross_entropy
+    record: dict[str, Any] = {}
+    try:
+        HessianOperator(model, loss_fn, data)
+        record["hessian_operator_error"] = None
+    except TypeError as err:
+        record["hessian_operator_error"] = str(err)
+    op = ShardedHessianOperator(model, loss_fn, data)
+    before = [t.clone() for t in op.local_parameters()]
+    record["ranges"] = [(r.numel, r.start, r.stop) for r in op.vector_space.ranges]
+    record["num_params"] = op.num_params
+    record["global_num_params"] = op.global_num_params
+    record["loss"] = op.loss()
+    record["products"] = op.matmat(op.local_rows(global_vectors(3)))
+    record["restored"] = all(torch.equal(a, b) for a, b in zip(before, op.local_parameters(), strict=True))
+    record["grads_untouched"] = all(p.grad is None for p in op.parameters())
+    record["probes"] = op.vector_space.probes(op.num_params, 2, "rademacher", torch.Generator().manual_seed(3))
+    record["gradient"] = op.gradient()
+    if os.environ.get("FSDP_ESTIMATORS", "1") == "1":
+        record.update(estimators(op))
+    return record
+
+
+def assemble(records: list[dict[str, Any]], key: str) -> torch.Tensor:
+    """The global (parameter-order) rows of a per-rank sharded result ``records[r][key]``."""
+    numels = [numel for numel, _, _ in records[0]["ranges"]]
+    out = torch.zeros((sum(numels), *records[0][key].shape[1:]), dtype=records[0][key].dtype)
+    for record in records:
+        row, offset = 0, 0
+        for numel, start, stop in record["ranges"]:
+            out[offset + start : offset + stop] = record[key][row : row + stop - start]
+            row, offset = row + stop - start, offset + numel
+    return out
+
+
+def estimators(op: Any) -> dict[str, Any]:
+    from lightning_hessian import hessian_trace, top_eigenvalues
+
+    top = top_eigenvalues(op, k=1, seed=0, return_vectors=False)
+    trace = hessian_trace(op, num_probes=4, seed=0)
+    return {"top_eigenvalue": float(top.values[0]), "trace": float(trace.value)}
+
+
+SCENARIOS = {"functional": functional}
+
+
+def _worker(rank: int, world_size: int, port: int, scenario: str, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        record = SCENARIOS[scenario](rank, world_size)
+        torch.save(record, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run(scenario: str, out_dir: str, world_size: int = 2) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    mp.spawn(_worker, args=(world_size, free_port(), scenario, out_dir), nprocs=world_size)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2)
