@@ -115,6 +115,108 @@ def estimators(op: Any) -> dict[str, Any]:
     return {"top_eigenvalue": float(top.values[0]), "trace": float(trace.value)}
 
 
+# --------------------------------------------------------------------------------------------
+# Lightning: ModelParallelStrategy + fully_shard in configure_model
+# --------------------------------------------------------------------------------------------
+
+
+def _shard_in_configure_model(module: Any) -> None:
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(module, FSDPModule):
+        return
+    mesh = module.device_mesh["data_parallel"]
+    for layer in module.net:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
+
+def sharded_digits_module(**kwargs: Any) -> Any:
+    from tests.ddp_helpers import RankPoisonedModule
+
+    class ShardedDigits(RankPoisonedModule):
+        def configure_model(self) -> None:
+            _shard_in_configure_model(self)
+
+    options: dict[str, Any] = dict(poison_rank=1, poison_epoch=-1, hidden=16, dropout=0.2, optimizer="adam", lr=0.03)
+    return ShardedDigits(**{**options, **kwargs})
+
+
+def _full(value: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor().detach().clone()
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _full(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_full(v) for v in value]
+    return value
+
+
+def full_recording_callback(out_dir: Any) -> Any:
+    from tests.ddp_helpers import RecordingCallback
+
+    class FullRecording(RecordingCallback):
+        """Records whole (all-gathered) weights and optimizer state: comparable with one process."""
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            self.weights.append(_full(dict(pl_module.state_dict())))
+            self.optimizer_states.append(_full(trainer.optimizers[0].state_dict()))
+
+    return FullRecording(out_dir)
+
+
+FSDP_EPOCHS = 2
+
+
+def fsdp_hessian_monitor(**kwargs: Any) -> Any:
+    from lightning_hessian.callbacks import HessianMonitor
+    from tests.ddp_helpers import ANALYSIS_BATCH_SIZE, ANALYSIS_FRACTION
+
+    options: dict[str, Any] = dict(
+        num_runs=2,
+        num_steps=10,
+        top_k=2,
+        analysis_fraction=ANALYSIS_FRACTION,
+        analysis_batch_size=ANALYSIS_BATCH_SIZE,
+        log_density=False,
+    )
+    return HessianMonitor(**{**options, **kwargs})
+
+
+def fsdp_fit(out_dir: Path, monitors: list[Any], epochs: int = FSDP_EPOCHS, **module_kwargs: Any) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from tests.ddp_helpers import digits_train_loader
+    from tests.lightning_helpers import trainer_kwargs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(0, verbose=False)
+    module = sharded_digits_module(**module_kwargs)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=COLLECTIVE_TIMEOUT)
+    trainer = pl.Trainer(
+        callbacks=[*monitors, full_recording_callback(out_dir)],
+        strategy=strategy,
+        **trainer_kwargs(devices=2, max_epochs=epochs),
+    )
+    trainer.fit(module, digits_train_loader())
+    trainer.strategy.barrier()
+
+
+def lightning_scenarios(out_dir: str) -> None:
+    """Under ModelParallelStrategy (Lightning re-launches this command for rank 1), in turn."""
+    out = Path(out_dir)
+    fsdp_fit(out / "with_callbacks", [fsdp_hessian_monitor()])
+    fsdp_fit(out / "without_callbacks", [])
+    # rank 1 only: NaN analysis outputs at epoch 1, an exception in its analysis forward at epoch 2
+    fsdp_fit(out / "failure_on_rank_1", [fsdp_hessian_monitor()], epochs=3, poison_epoch=1, raise_epoch=2)
+
+
 SCENARIOS = {"functional": functional}
 
 
@@ -134,4 +236,7 @@ def run(scenario: str, out_dir: str, world_size: int = 2) -> None:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    if sys.argv[1] == "lightning":
+        lightning_scenarios(sys.argv[2])
+    else:
+        run(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2)

@@ -240,7 +240,7 @@ def test_analysis_shards_partition_the_single_process_set(world_size):
     assert sorted(flat) == sorted(reference)  # union = the single-process set
 
 
-@pytest.mark.parametrize("strategy_name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "subclass"])
+@pytest.mark.parametrize("strategy_name", ["FSDPStrategy", "DeepSpeedStrategy", "subclass"])
 @pytest.mark.parametrize("factory", [hessian_monitor, volume_monitor], ids=["hessian", "volume"])
 def test_unsupported_strategies_raise_at_setup(strategy_name, factory):
     import lightning.pytorch.strategies as strategies
@@ -257,11 +257,13 @@ def test_unsupported_strategies_raise_at_setup(strategy_name, factory):
         world_size = 2
         global_rank = 0
 
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(RuntimeError, match=match) as info:
         factory().setup(FakeTrainer(), None, "fit")  # type: ignore[arg-type]
+    # the supported sharded path is named
+    assert "ModelParallelStrategy" in str(info.value) and "fully_shard" in str(info.value)
 
 
-@pytest.mark.parametrize("strategy_name", ["DDPStrategy", "SingleDeviceStrategy"])
+@pytest.mark.parametrize("strategy_name", ["DDPStrategy", "SingleDeviceStrategy", "ModelParallelStrategy"])
 def test_supported_strategies_pass_setup(strategy_name):
     import lightning.pytorch.strategies as strategies
 

@@ -8,6 +8,7 @@ double backward).
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from typing import Any
@@ -125,3 +126,123 @@ def test_blocked_probes_are_the_same_for_any_split_of_a_parameter(kind):
         assert set(expected.unique().tolist()) == {-1.0, 1.0}
     else:
         assert abs(float(expected.mean())) < 0.02 and abs(float(expected.std()) - 1) < 0.02
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning: Trainer(strategy=ModelParallelStrategy(...)), fully_shard in configure_model
+# --------------------------------------------------------------------------------------------
+
+FD_REL_TOL = 1e-3  # finite-difference float32 products against exact double backward
+LIGHTNING_SCENARIOS = {"with_callbacks": 2, "without_callbacks": 2, "failure_on_rank_1": 3}
+
+
+@pytest.fixture(scope="module")
+def lightning_runs(tmp_path_factory) -> dict[str, Any]:
+    import os
+    import signal
+
+    out = tmp_path_factory.mktemp("fsdp_lightning")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fsdp_helpers", "lightning", str(out)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: rank 1 is killed with it on a timeout
+    )
+    try:
+        output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"The FSDP2 scenarios did not finish within {LAUNCH_TIMEOUT_S} s (deadlock?):\n{output[-6000:]}")
+    assert proc.returncode == 0, output[-6000:]
+    from tests.ddp_helpers import load_records
+
+    records = {name: load_records(out / name, 2) for name in LIGHTNING_SCENARIOS}
+    for name, ranks in records.items():
+        assert [r["strategy"] for r in ranks] == ["ModelParallelStrategy"] * 2, name
+        assert [r["current_epoch"] for r in ranks] == [LIGHTNING_SCENARIOS[name]] * 2, name
+    return {"records": records, "output": output}
+
+
+def _plain_module_at(record: dict[str, Any], epoch: int) -> Any:
+    from tests.ddp_helpers import digits_module
+
+    model = digits_module()
+    model.load_state_dict(record["weights"][epoch])
+    return model
+
+
+def _single_process_hessian_values(record: dict[str, Any], epoch: int) -> dict[str, float]:
+    """The same monitor, one process, the whole analysis set, the unsharded model: exact (AD) HVPs."""
+    from torch.utils.data import DataLoader, Subset
+
+    from lightning_hessian import spectral_density
+    from lightning_hessian.callbacks import default_classification_loss
+    from tests.ddp_helpers import NUM_SAMPLES
+    from tests.fsdp_helpers import fsdp_hessian_monitor
+    from tests.lightning_helpers import digits_dataset
+
+    monitor = fsdp_hessian_monitor()
+    model = _plain_module_at(record, epoch)
+    loader = DataLoader(Subset(digits_dataset(NUM_SAMPLES), record["indices"]["HessianMonitor"]), batch_size=256)
+    op = HessianOperator(
+        model, default_classification_loss, loader, vector_space=parameter_space(list(model.parameters()))
+    )
+    sd = spectral_density(op, num_runs=monitor.num_runs, num_steps=monitor.num_steps, seed=monitor.seed)
+    return {"trace": sd.deflated_trace, "top_eigenvalue": float(sd.top_ritz_values(1)[0][0])}
+
+
+def _assert_same_histories(records: list[dict[str, Any]], monitor: str) -> None:
+    first, second = (r["histories"][monitor] for r in records)
+    assert len(first) == len(second) > 0
+    for row0, row1 in zip(first, second, strict=True):
+        for key in row0:
+            if key not in ("seconds", "overhead"):
+                assert row0[key] == row1[key] or (row0[key] != row0[key] and row1[key] != row1[key]), key
+
+
+def test_hessian_monitor_under_model_parallel_equals_the_single_process_values(lightning_runs):
+    records = lightning_runs["records"]["with_callbacks"]
+    _assert_same_histories(records, "HessianMonitor")
+    assert records[0]["indices"]["HessianMonitor"] == records[1]["indices"]["HessianMonitor"]
+    history = records[0]["histories"]["HessianMonitor"]
+    assert [int(row["epoch"]) for row in history] == [0, 1]
+    for epoch, row in enumerate(history):
+        reference = _single_process_hessian_values(records[0], epoch)
+        for key, value in reference.items():
+            assert row[key] == pytest.approx(value, rel=FD_REL_TOL), (epoch, key, row[key], value)
+        assert row["num_hvps"] == 20
+
+
+def test_model_parallel_training_is_bit_identical_with_and_without_the_monitors(lightning_runs):
+    with_cb = lightning_runs["records"]["with_callbacks"]
+    without_cb = lightning_runs["records"]["without_callbacks"]
+    assert all(r["histories"] == {} for r in without_cb)
+    for rank in (0, 1):
+        for a, b in zip(with_cb[rank]["weights"], without_cb[rank]["weights"], strict=True):
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        for a, b in zip(with_cb[rank]["optimizer_states"], without_cb[rank]["optimizer_states"], strict=True):
+            for index, state in a["state"].items():
+                for name, value in state.items():
+                    assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][index][name]))
+
+
+def test_model_parallel_failure_on_one_rank_warns_on_every_rank_and_training_continues(lightning_runs):
+    records = lightning_runs["records"]["failure_on_rank_1"]
+    output = lightning_runs["output"]
+    assert "[rank 1] HessianMonitor: curvature computation failed at epoch 1" in output
+    assert "HessianMonitor: curvature computation failed at epoch 1 (NonFiniteLossError" in output
+    assert "[rank 1] HessianMonitor: curvature computation failed at epoch 2 (KeyError" in output
+    assert "curvature computation failed at epoch 2 (NonFiniteHVPError: Another process failed" in output
+    _assert_same_histories(records, "HessianMonitor")
+    for record in records:
+        history = record["histories"]["HessianMonitor"]
+        assert [int(row["epoch"]) for row in history] == [0, 1, 2]
+        assert [math.isnan(row["trace"]) for row in history] == [False, True, True]

@@ -15,9 +15,16 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_hessian.callbacks._analysis_set import DEFAULT_MAX_ANALYSIS_BYTES
 from lightning_hessian.callbacks._base import CurvatureCallback, default_classification_loss
 from lightning_hessian.callbacks._curvature_views import CurvatureViews
+from lightning_hessian.callbacks._sharding import (
+    is_sharded,
+    sharded_hessian_operator,
+    sharded_options_error,
+    with_parameter_space,
+)
 from lightning_hessian.callbacks._logging import density_figure, density_histogram
 from lightning_hessian.estimators.density import SpectralDensity, spectral_density
 from lightning_hessian.operators import GGNOperator, HessianOperator
+from lightning_hessian.operators.sharded import ShardedHessianOperator
 from lightning_hessian.operators.reduction import check_operator_loss_reduction
 from lightning_hessian.signals.sharp_drop import TraceSharpDropDetector
 
@@ -342,7 +349,9 @@ class HessianMonitor(CurvatureCallback):
         super().on_train_start(trainer, pl_module)
         self.views.add_tensorboard_layout(trainer)
 
-    def _operator(self, pl_module: pl.LightningModule, data: Any, all_reduce: Any) -> HessianOperator:
+    def _operator(self, pl_module: pl.LightningModule, data: Any, all_reduce: Any) -> Any:
+        if is_sharded(pl_module):  # FSDP2: finite differences through the sharded module
+            return self._sharded_operator(pl_module, data)
         kwargs: dict[str, Any] = dict(
             data=data,
             batch_size_fn=self._batch_weight_fn(),
@@ -353,17 +362,58 @@ class HessianMonitor(CurvatureCallback):
             backend_choices=self.backend_choices,
             **self._loss_kwargs(),
         )
+        # per-parameter probes: the same as an FSDP2 run of the same model with the same seed
         if self.curvature == "ggn":
             if kwargs["loss_fn"] is default_classification_loss:  # [B, T, V] logits are flattened over positions
-                return GGNOperator(pl_module, loss_hessian="cross_entropy", class_dim=-1, **kwargs)
-            return GGNOperator(pl_module, **kwargs)
-        return HessianOperator(pl_module, **kwargs)
+                return with_parameter_space(GGNOperator(pl_module, loss_hessian="cross_entropy", class_dim=-1, **kwargs))
+            return with_parameter_space(GGNOperator(pl_module, **kwargs))
+        return with_parameter_space(HessianOperator(pl_module, **kwargs))
+
+    def _sharded_operator(self, pl_module: pl.LightningModule, data: Any) -> ShardedHessianOperator:
+        unsupported = {
+            name: value
+            for name, value, default in (
+                ("curvature", self.curvature, "hessian"),
+                ("hvp_precision", self.hvp_precision, "model"),
+                ("blocks", self.views.blocks, None),
+                ("preconditioned", self.views.preconditioned, False),
+            )
+            if value != default
+        }
+        if self.hvp_backend in ("func", "autograd"):
+            unsupported["hvp_backend"] = self.hvp_backend
+        error = sharded_options_error(type(self).__name__, unsupported)
+        if error is not None:
+            raise error
+        return sharded_hessian_operator(
+            pl_module,
+            data,
+            batch_size_fn=self._batch_weight_fn(),
+            train_mode_batchnorm=self.train_mode_batchnorm,
+            **self._loss_kwargs(),
+        )
+
+    def _sharded_dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Every process needs a micro-batch (FSDP2's forward is collective): agreed first, then one product."""
+        if self._any_process_failed(trainer, batch is None):
+            raise ValueError(
+                f"{type(self).__name__}: a process has no analysis sample; under FSDP2 every process runs the "
+                "sharded forward, so the analysis set needs at least world_size samples (raise "
+                "`analysis_fraction` or `max_samples`)."
+            )
+        op = self._operator(pl_module, [batch], None)
+        op.loss()
+        probe = op.vector_space.probes(op.num_params, 1, "rademacher", torch.Generator().manual_seed(self.seed))
+        op.matvec(probe[:, 0].to(op.device))
 
     def _dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The optimizers (edge-of-stability options), the analysis set, the loss and one product on one micro-batch."""
         self.views.check_optimizers(pl_module, trainer.optimizers)
         data = self._analysis_data(trainer)
         batch = self._first_micro_batch(data)
+        if is_sharded(pl_module):
+            self._sharded_dry_run(trainer, pl_module, batch)
+            return
         if batch is None:  # an empty shard under DDP: nothing to check on this process
             return
         op = self._operator(pl_module, [batch], None)
@@ -380,7 +430,7 @@ class HessianMonitor(CurvatureCallback):
         start = self._timer()
         data = self._analysis_data(trainer)
         op = self._operator(pl_module, data, self._all_reduce(trainer))
-        if not self._reduction_checked:  # once: a summed loss scales the Hessian by the batch size
+        if not self._reduction_checked and not is_sharded(pl_module):  # once: a summed loss scales the Hessian by the batch size
             self._reduction_checked = True
             check_operator_loss_reduction(op)
         probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)
