@@ -132,15 +132,33 @@ def _shard_in_configure_model(module: Any) -> None:
     fully_shard(module, mesh=mesh)
 
 
+MODULE_OPTIONS: dict[str, Any] = dict(hidden=16, dropout=0.2, optimizer="adam", lr=0.03)
+
+
+def smooth_digits_module(**kwargs: Any) -> Any:
+    """The DDP tests' digits MLP with tanh instead of ReLU, unsharded (the single-process reference).
+
+    A smooth activation: central differences of a ReLU network's gradients cross the kinks that
+    the exact (almost-everywhere) Hessian ignores, so the two do not converge to each other.
+    """
+    from tests.ddp_helpers import RankPoisonedModule
+
+    module = RankPoisonedModule(**{"poison_epoch": -1, **MODULE_OPTIONS, **kwargs})
+    module.net[1] = nn.Tanh()
+    return module
+
+
 def sharded_digits_module(**kwargs: Any) -> Any:
+    """:func:`smooth_digits_module` whose ``configure_model`` applies ``fully_shard`` (per layer, then the root)."""
     from tests.ddp_helpers import RankPoisonedModule
 
     class ShardedDigits(RankPoisonedModule):
         def configure_model(self) -> None:
             _shard_in_configure_model(self)
 
-    options: dict[str, Any] = dict(poison_rank=1, poison_epoch=-1, hidden=16, dropout=0.2, optimizer="adam", lr=0.03)
-    return ShardedDigits(**{**options, **kwargs})
+    module = ShardedDigits(**{"poison_rank": 1, "poison_epoch": -1, **MODULE_OPTIONS, **kwargs})
+    module.net[1] = nn.Tanh()
+    return module
 
 
 def _full(value: Any) -> Any:

@@ -171,9 +171,9 @@ def lightning_runs(tmp_path_factory) -> dict[str, Any]:
 
 
 def _plain_module_at(record: dict[str, Any], epoch: int) -> Any:
-    from tests.ddp_helpers import digits_module
+    from tests.fsdp_helpers import smooth_digits_module
 
-    model = digits_module()
+    model = smooth_digits_module()
     model.load_state_dict(record["weights"][epoch])
     return model
 
