@@ -92,7 +92,40 @@ def functional(rank: int, world_size: int) -> dict[str, Any]:
     record["gradient"] = op.gradient()
     if os.environ.get("FSDP_ESTIMATORS", "1") == "1":
         record.update(estimators(op))
+    record.update(volumes(model, data))
     return record
+
+
+VOLUME_OPTIONS: dict[str, Any] = dict(num_directions=16, prior_std=0.5, seed=5)
+
+
+def adam_with_state(model: nn.Module) -> torch.optim.Adam:
+    """Adam whose state (step 3, a known exp_avg_sq) is the same for the sharded and the plain model."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    reference = tiny_mlp()
+    for i, (p, q) in enumerate(zip(model.parameters(), reference.parameters(), strict=True)):
+        square = (q.detach() * (i + 1)) ** 2 + 1e-4
+        if isinstance(p, DTensor):
+            square = distribute_tensor(square, p.device_mesh, p.placements)
+        optimizer.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": square}
+    return optimizer
+
+
+def volumes(model: nn.Module, data: list[Any]) -> dict[str, Any]:
+    from lightning_hessian.volume.sharded import sharded_local_volume
+
+    before = [p.to_local().clone() if hasattr(p, "to_local") else p.detach().clone() for p in model.parameters()]
+    plain = sharded_local_volume(model, data, **VOLUME_OPTIONS)
+    adam = sharded_local_volume(model, data, preconditioner="adam", optimizer=adam_with_state(model), **VOLUME_OPTIONS)
+    after = [p.to_local() if hasattr(p, "to_local") else p.detach() for p in model.parameters()]
+    return {
+        "volume": plain.metrics(),
+        "volume_adam": adam.metrics(),
+        "volume_log_radii": plain.log_radii,
+        "volume_restored": all(torch.equal(a, b) for a, b in zip(before, after, strict=True)),
+    }
 
 
 def assemble(records: list[dict[str, Any]], key: str) -> torch.Tensor:
@@ -206,6 +239,16 @@ def fsdp_hessian_monitor(**kwargs: Any) -> Any:
     return HessianMonitor(**{**options, **kwargs})
 
 
+def fsdp_volume_monitor(**kwargs: Any) -> Any:
+    from lightning_hessian.callbacks import LocalVolumeMonitor
+    from tests.ddp_helpers import ANALYSIS_BATCH_SIZE, ANALYSIS_FRACTION
+
+    options: dict[str, Any] = dict(
+        num_directions=8, analysis_fraction=ANALYSIS_FRACTION, analysis_batch_size=ANALYSIS_BATCH_SIZE
+    )
+    return LocalVolumeMonitor(**{**options, **kwargs})
+
+
 def fsdp_fit(out_dir: Path, monitors: list[Any], epochs: int = FSDP_EPOCHS, **module_kwargs: Any) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -229,10 +272,12 @@ def fsdp_fit(out_dir: Path, monitors: list[Any], epochs: int = FSDP_EPOCHS, **mo
 def lightning_scenarios(out_dir: str) -> None:
     """Under ModelParallelStrategy (Lightning re-launches this command for rank 1), in turn."""
     out = Path(out_dir)
-    fsdp_fit(out / "with_callbacks", [fsdp_hessian_monitor()])
+    fsdp_fit(out / "with_callbacks", [fsdp_hessian_monitor(), fsdp_volume_monitor()])
     fsdp_fit(out / "without_callbacks", [])
     # rank 1 only: NaN analysis outputs at epoch 1, an exception in its analysis forward at epoch 2
-    fsdp_fit(out / "failure_on_rank_1", [fsdp_hessian_monitor()], epochs=3, poison_epoch=1, raise_epoch=2)
+    fsdp_fit(
+        out / "failure_on_rank_1", [fsdp_hessian_monitor(), fsdp_volume_monitor()], epochs=3, poison_epoch=1, raise_epoch=2
+    )
 
 
 SCENARIOS = {"functional": functional}

@@ -96,7 +96,9 @@ def test_sharded_estimators_equal_the_exact_values(functional_records):
     assert functional_records[0]["trace"] == functional_records[1]["trace"]
     # the same 4 Rademacher probes as the unsharded operator with the per-parameter space
     model, (x, y) = tiny_mlp(), tiny_data()
-    op = HessianOperator(model, nn.functional.cross_entropy, [(x, y)], vector_space=parameter_space(list(model.parameters())))
+    op = HessianOperator(
+        model, nn.functional.cross_entropy, [(x, y)], vector_space=parameter_space(list(model.parameters()))
+    )
     from lightning_hessian import hessian_trace
 
     expected = hessian_trace(op, num_probes=4, seed=0).value
@@ -246,3 +248,49 @@ def test_model_parallel_failure_on_one_rank_warns_on_every_rank_and_training_con
         history = record["histories"]["HessianMonitor"]
         assert [int(row["epoch"]) for row in history] == [0, 1, 2]
         assert [math.isnan(row["trace"]) for row in history] == [False, True, True]
+        volume = record["histories"]["LocalVolumeMonitor"]
+        assert [math.isnan(row["log_volume"]) for row in volume] == [False, True, True]
+    assert "[rank 1] LocalVolumeMonitor: local-volume computation failed at epoch 1" in output
+    assert "LocalVolumeMonitor: local-volume computation failed at epoch 2 (VolumeComputationError: Another" in output
+
+
+def _single_process_volume(record: dict[str, Any], epoch: int) -> dict[str, float]:
+    """The volume monitor's estimate, one process, the whole analysis set, the unsharded model and optimizer."""
+    from torch.utils.data import DataLoader, Subset
+
+    from lightning_hessian.volume.sharded import sharded_local_volume
+    from tests.ddp_helpers import NUM_SAMPLES
+    from tests.fsdp_helpers import fsdp_volume_monitor
+    from tests.lightning_helpers import digits_dataset
+
+    monitor = fsdp_volume_monitor()
+    model = _plain_module_at(record, epoch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=model.hparams.lr)
+    optimizer.load_state_dict(record["optimizer_states"][epoch])
+    loader = DataLoader(Subset(digits_dataset(NUM_SAMPLES), record["indices"]["LocalVolumeMonitor"]), batch_size=256)
+    est = sharded_local_volume(
+        model,
+        list(loader),
+        cutoff=monitor.cutoff,
+        num_directions=monitor.num_directions,
+        preconditioner=monitor.preconditioner,
+        optimizer=optimizer,
+        measure=monitor.measure,
+        prior_std=record["init_priors"]["LocalVolumeMonitor"],
+        rel_tol=monitor.rel_tol,
+        seed=monitor.seed,
+    )
+    return est.metrics()
+
+
+def test_local_volume_monitor_under_model_parallel_equals_the_single_process_values(lightning_runs):
+    records = lightning_runs["records"]["with_callbacks"]
+    _assert_same_histories(records, "LocalVolumeMonitor")
+    assert records[0]["init_priors"]["LocalVolumeMonitor"] == records[1]["init_priors"]["LocalVolumeMonitor"]
+    history = records[0]["histories"]["LocalVolumeMonitor"]
+    assert [int(row["epoch"]) for row in history] == [0, 1]
+    for epoch, row in enumerate(history):
+        reference = _single_process_volume(records[0], epoch)
+        assert math.isfinite(row["log_volume"]) and row["log_volume"] < 0
+        assert abs(row["log_volume"] - reference["log_volume"]) <= 0.5, (epoch, row["log_volume"], reference)
+        assert row["num_forward_passes"] > 8

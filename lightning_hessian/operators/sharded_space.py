@@ -73,9 +73,7 @@ def _draw_block(kind: ProbeKind, generator: torch.Generator, num_probes: int, le
     raise ValueError(f"`probe` must be 'rademacher' or 'gaussian', got {kind!r}.")
 
 
-def draw_parameter_probes(
-    ranges: Sequence[ParameterRange], num_probes: int, kind: ProbeKind, base_seed: int
-) -> Tensor:
+def draw_parameter_probes(ranges: Sequence[ParameterRange], num_probes: int, kind: ProbeKind, base_seed: int) -> Tensor:
     """``[sum of range sizes, num_probes]`` float64: the local rows of per-parameter blocked probes."""
     pieces: list[Tensor] = []
     for index, rng in enumerate(ranges):
