@@ -20,6 +20,7 @@ from lightning_hessian.estimators.block_trace import FirstProductRecorder, block
 from lightning_hessian.estimators.eigen import top_eigenvalues
 from lightning_hessian.operators import parameter_blocks, preconditioned_operator
 from lightning_hessian.operators.block import parameter_slices
+from lightning_hessian.operators.space import space_of
 from lightning_hessian.optim_state import param_groups
 from lightning_hessian.signals.stability import StabilityThreshold, stability_threshold
 
@@ -133,7 +134,7 @@ class CurvatureViews:
             slices = parameter_slices(op)
             layout = {name: [slices[p] for p in params] for name, params in self.block_names.items()}
             try:
-                estimates = block_traces(recorder.inputs, recorder.products, layout)
+                estimates = block_traces(recorder.inputs, recorder.products, layout, space=space_of(op))
             except ValueError as err:  # the density's first product was not of Rademacher probes
                 raise HessianComputationError(f"Block traces: {err}") from err
             for name, estimate in estimates.items():

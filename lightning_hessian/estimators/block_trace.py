@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lightning_hessian.estimators.trace import TraceEstimate
 from lightning_hessian.operators.base import CurvatureOperator, WrappedOperator
+from lightning_hessian.operators.space import LOCAL_SPACE, VectorSpace
 
 __all__ = ["FirstProductRecorder", "block_trace_samples", "block_traces"]
 
@@ -58,7 +59,12 @@ class FirstProductRecorder(WrappedOperator):
 
 
 def block_trace_samples(
-    probes: Tensor, products: Tensor, blocks: Mapping[str, Sequence[slice]], *, rtol: float = 1e-6
+    probes: Tensor,
+    products: Tensor,
+    blocks: Mapping[str, Sequence[slice]],
+    *,
+    rtol: float = 1e-6,
+    space: VectorSpace = LOCAL_SPACE,
 ) -> dict[str, Tensor]:
     r"""Per-block Hutchinson samples :math:`v_b^\top (Hv)_b` of Rademacher-direction probes.
 
@@ -68,6 +74,8 @@ def block_trace_samples(
         products: ``[n, R]`` the operator's products with ``probes``.
         blocks: ``{block name: [slices of the flat vector]}``.
         rtol: Tolerance of the equal-magnitude check.
+        space: The vector space of ``probes`` (a sharded one sums over the shards; ``blocks``
+            then index this process's rows).
 
     Returns:
         ``{block name: [R] float64 samples}``, scaled to a Rademacher probe of norm
@@ -83,28 +91,41 @@ def block_trace_samples(
         )
     q = probes.to(torch.float64)
     magnitude = q.abs()
-    scale = magnitude.mean(dim=0, keepdim=True)
-    if not bool(((magnitude - scale).abs() <= rtol * scale).all()):
+    # one collective: the size, the magnitudes' sums and the squared norms of every probe
+    width = q.shape[1]
+    sums = space.all_reduce(
+        torch.cat([torch.tensor([float(q.shape[0])], dtype=torch.float64, device=q.device), magnitude.sum(dim=0)])
+    )
+    n = float(sums[0])
+    scale = (sums[1:] / n).unsqueeze(0)
+    bad = ((magnitude - scale).abs() > rtol * scale).sum().to(torch.float64).reshape(1)
+    if float(space.all_reduce(bad)[0]) > 0:  # the same decision on every shard
         raise ValueError("Block traces need Rademacher probes (all entries of equal magnitude).")
-    n = q.shape[0]
-    weight = n / (q * q).sum(dim=0)
     terms = q * products.to(torch.float64)
-    out: dict[str, Tensor] = {}
-    for name, slices in blocks.items():
-        total = torch.zeros(q.shape[1], dtype=torch.float64, device=q.device)
-        for s in slices:
-            total = total + terms[s].sum(dim=0)
-        out[name] = (weight * total).cpu()
-    return out
+    names = list(blocks)
+    local = torch.zeros((len(names) + 1, width), dtype=torch.float64, device=q.device)
+    local[0] = (q * q).sum(dim=0)
+    for row, name in enumerate(names, start=1):
+        for s in blocks[name]:
+            local[row] += terms[s].sum(dim=0)
+    totals = space.all_reduce(local)  # one collective for all blocks
+    weight = n / totals[0]
+    return {name: (weight * totals[row]).cpu() for row, name in enumerate(names, start=1)}
 
 
-def block_traces(probes: Tensor, products: Tensor, blocks: Mapping[str, Sequence[slice]]) -> dict[str, TraceEstimate]:
+def block_traces(
+    probes: Tensor,
+    products: Tensor,
+    blocks: Mapping[str, Sequence[slice]],
+    *,
+    space: VectorSpace = LOCAL_SPACE,
+) -> dict[str, TraceEstimate]:
     """Per-block trace estimates (mean and standard error of :func:`block_trace_samples`).
 
     ``num_hvps`` is 0: the products are the full trace's.
     """
     out: dict[str, TraceEstimate] = {}
-    for name, samples in block_trace_samples(probes, products, blocks).items():
+    for name, samples in block_trace_samples(probes, products, blocks, space=space).items():
         m = samples.numel()
         stderr = float(samples.std() / math.sqrt(m)) if m > 1 else math.nan
         out[name] = TraceEstimate(

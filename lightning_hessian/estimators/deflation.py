@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_hessian.estimators.lanczos import LanczosResult
+from lightning_hessian.operators.space import LOCAL_SPACE, VectorSpace
 
 __all__ = ["converged_extremes", "deflated_weights", "leave_one_out_trace_samples", "ritz_vectors"]
 
@@ -42,20 +43,26 @@ def converged_extremes(residuals: Tensor, steps: list[int], rtol: float, scale: 
     return chosen_all
 
 
-def ritz_vectors(result: LanczosResult, run: int, indices: list[int]) -> Tensor:
-    """``[n, len(indices)]`` float64 unit Ritz vectors of run ``run`` (on the basis' device)."""
+def ritz_vectors(result: LanczosResult, run: int, indices: list[int], space: VectorSpace = LOCAL_SPACE) -> Tensor:
+    """``[n, len(indices)]`` float64 unit Ritz vectors of run ``run`` (on the basis' device).
+
+    Collective for a sharded ``space`` (the norms), also when ``indices`` is empty.
+    """
     assert result.basis is not None
     size = result.steps[run]
     basis = result.basis[run, :size]
-    if not indices:
-        return torch.zeros((basis.shape[1], 0), dtype=torch.float64, device=basis.device)
     _, u = result.ritz(run)
     coeffs = u[:, indices].to(device=basis.device, dtype=basis.dtype)
     y = (basis.t() @ coeffs).to(torch.float64)
-    return y / y.norm(dim=0).clamp_min(1e-300)
+    norms = space.column_dots(y, y).clamp_min(0.0).sqrt().to(y.device)  # called on every shard alike
+    if not indices:
+        return y
+    return y / norms.clamp_min(1e-300)
 
 
-def _orthonormal_union(values: list[Tensor], vectors: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _orthonormal_union(
+    values: list[Tensor], vectors: list[Tensor], space: VectorSpace = LOCAL_SPACE
+) -> tuple[Tensor, Tensor]:
     """Greedy Gram–Schmidt over several runs' Ritz pairs (largest ``|value|`` first).
 
     A vector that keeps less than :data:`_NEW_DIRECTION` of its norm after projection is the
@@ -73,15 +80,20 @@ def _orthonormal_union(values: list[Tensor], vectors: list[Tensor]) -> tuple[Ten
         y = vecs[:, i]
         for _ in range(2):
             for z in kept:
-                y = y - z * torch.dot(z, y)
-        norm = float(y.norm())
+                y = y - z * float(space.column_dots(z[:, None], y[:, None])[0])
+        norm = float(space.column_dots(y[:, None], y[:, None]).clamp_min(0.0).sqrt()[0])
         if norm >= _NEW_DIRECTION:
             kept.append(y / norm)
             kept_vals.append(float(vals[i]))
     return torch.tensor(kept_vals, dtype=torch.float64), torch.stack(kept, dim=1)
 
 
-def leave_one_out_trace_samples(result: LanczosResult, pairs: list[tuple[Tensor, Tensor]], num_params: int) -> Tensor:
+def leave_one_out_trace_samples(
+    result: LanczosResult,
+    pairs: list[tuple[Tensor, Tensor]],
+    num_params: int,
+    space: VectorSpace = LOCAL_SPACE,
+) -> Tensor:
     r"""Per-run trace samples with the other runs' converged pairs as control variate.
 
     For run :math:`r` with unit start :math:`q_r` (:math:`n\,q_r^\top H q_r = n\alpha_{r,1}` is
@@ -101,18 +113,23 @@ def leave_one_out_trace_samples(result: LanczosResult, pairs: list[tuple[Tensor,
     for r in range(num_runs):
         hutchinson = num_params * float(result.alphas[r][0])
         others = [pairs[s] for s in range(num_runs) if s != r]
-        vals, ys = _orthonormal_union([p[0] for p in others], [p[1] for p in others])
+        vals, ys = _orthonormal_union([p[0] for p in others], [p[1] for p in others], space)
         if vals.numel() == 0:
             samples[r] = hutchinson
             continue
         q = result.basis[r, 0].to(device=ys.device, dtype=torch.float64)
-        proj = (ys.t() @ q).cpu()
+        proj = space.gram(ys, q[:, None]).reshape(-1).cpu()
         samples[r] = hutchinson - num_params * float((vals * proj * proj).sum()) + float(vals.sum())
     return samples
 
 
 def _multiplicity(
-    clusters: list[list[int]], vectors: list[Tensor], slots: list[dict[int, int]], weights: Tensor, num_params: int
+    clusters: list[list[int]],
+    vectors: list[Tensor],
+    slots: list[dict[int, int]],
+    weights: Tensor,
+    num_params: int,
+    space: VectorSpace = LOCAL_SPACE,
 ) -> int | None:
     """Multiplicity of an eigenvalue found by every run, or ``None`` when it cannot be told.
 
@@ -131,7 +148,8 @@ def _multiplicity(
         [vectors[r][:, [slots[r][i] for i in cluster]].to(vectors[0].device) for r, cluster in enumerate(clusters)],
         dim=1,
     )
-    singular = torch.linalg.svdvals(stack)
+    # singular values of the stack from its (global) Gram matrix
+    singular = torch.linalg.eigvalsh(space.gram(stack, stack).cpu()).clamp_min(0.0).sqrt()
     rank = int((singular >= _NEW_DIRECTION).sum())
     return rank if rank < stack.shape[1] else None
 
@@ -143,6 +161,7 @@ def deflated_weights(
     candidates: list[list[int]],
     vectors: list[Tensor],
     num_params: int,
+    space: VectorSpace = LOCAL_SPACE,
 ) -> tuple[Tensor | None, float, Tensor | None]:
     """Give converged extreme eigenvalues found by every run their exact mass ``d / n``.
 
@@ -171,7 +190,7 @@ def deflated_weights(
             clusters = [clusters[r]] + [c for s, c in enumerate(clusters) if s != r]
             order = [r] + [s for s in range(num_runs) if s != r]
             d = _multiplicity(
-                clusters, [vectors[s] for s in order], [slots[s] for s in order], weights[order], num_params
+                clusters, [vectors[s] for s in order], [slots[s] for s in order], weights[order], num_params, space
             )
             if d is not None:
                 for k in clusters[0]:

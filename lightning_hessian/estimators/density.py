@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_hessian._utils.random import ProbeKind, draw_probes, make_generator
+from lightning_hessian._utils.random import ProbeKind, make_generator
 from lightning_hessian._utils.stats import student_t_quantile
 from lightning_hessian.estimators.deflation import (
     converged_extremes,
@@ -17,8 +17,9 @@ from lightning_hessian.estimators.deflation import (
     leave_one_out_trace_samples,
     ritz_vectors,
 )
-from lightning_hessian.estimators.lanczos import ROUNDING_FACTOR, lanczos, rounding_floor
+from lightning_hessian.estimators.lanczos import ROUNDING_FACTOR, global_size, lanczos, rounding_floor
 from lightning_hessian.operators import CurvatureOperator
+from lightning_hessian.operators.space import space_of
 
 __all__ = ["NEGATIVE_RELATIVE_THRESHOLD", "SpectralDensity", "spectral_density"]
 
@@ -402,7 +403,9 @@ def spectral_density(
         raise ValueError(f"`negative_threshold` must be >= 0 or None, got {negative_threshold}.")
     generator = make_generator(seed)
     n = op.num_params
-    starts = draw_probes(n, num_runs, probe, generator, device=op.device)
+    space = space_of(op)
+    starts = space.probes(n, num_runs, probe, generator, device=op.device)
+    n = global_size(space, n, op.device)  # masses d/n and trace samples n q^T H q count every shard
     result = lanczos(op, starts, num_steps, store_basis=store_basis, basis_dtype=basis_dtype, basis_device=basis_device)
     del starts  # n x R float64: not needed after the recurrence (issue 11: working memory)
     m = max(len(a) for a in result.alphas)
@@ -427,11 +430,13 @@ def spectral_density(
         outliers = torch.zeros_like(nodes, dtype=torch.bool)
         for r, chosen in enumerate(candidates):
             outliers[r, chosen] = True
-        vectors = [ritz_vectors(result, r, chosen) for r, chosen in enumerate(candidates)]
+        vectors = [ritz_vectors(result, r, chosen, space) for r, chosen in enumerate(candidates)]
         if num_runs >= 2:
             pairs = [_variate_pairs(nodes[r], weights[r], chosen, vectors[r], n) for r, chosen in enumerate(candidates)]
-            loo = leave_one_out_trace_samples(result, pairs, n)
-            deflated, num_deflated, deflated_mask = deflated_weights(nodes, weights, residuals, candidates, vectors, n)
+            loo = leave_one_out_trace_samples(result, pairs, n, space)
+            deflated, num_deflated, deflated_mask = deflated_weights(
+                nodes, weights, residuals, candidates, vectors, n, space
+            )
         del vectors
     lo, hi = float(nodes.min()), float(nodes.max())
     spread = hi - lo

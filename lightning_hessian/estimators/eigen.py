@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,13 +10,16 @@ import torch
 from torch import Tensor
 
 from lightning_hessian._utils.random import make_generator
+from lightning_hessian.estimators._orthonormal import column_norms, orthonormal_columns
 from lightning_hessian.estimators.lanczos import (
     ROUNDING_FACTOR,
     LanczosResult,
+    global_size,
     lanczos,
     rounding_floor,
 )
 from lightning_hessian.operators.base import CurvatureOperator, WrappedOperator
+from lightning_hessian.operators.space import VectorSpace, space_of
 
 __all__ = ["EigenResult", "top_eigenvalues"]
 
@@ -103,13 +107,18 @@ class _ComplementOperator(WrappedOperator):
     def dtype(self) -> torch.dtype:
         return getattr(self.op, "dtype", torch.float64)
 
+    def _coefficients(self, matrix: Tensor) -> Tensor:
+        """``Y^T matrix`` (global inner products, one collective), in ``matrix``'s dtype."""
+        return space_of(self.op).gram(self.vectors, matrix).to(device=matrix.device, dtype=matrix.dtype)
+
     def project(self, matrix: Tensor) -> Tensor:
         y = self.vectors.to(matrix.dtype)
-        return matrix - y @ (y.t() @ matrix)
+        return matrix - y @ self._coefficients(matrix)
 
     def matmat(self, matrix: Tensor) -> Tensor:
         y = self.vectors.to(matrix.dtype)
-        return self.project(self.op.matmat(self.project(matrix))) + self.shift * (y @ (y.t() @ matrix))
+        coeffs = self._coefficients(matrix)
+        return self.project(self.op.matmat(matrix - y @ coeffs)) + self.shift * (y @ coeffs)
 
 
 def _measured_residuals(op: CurvatureOperator, values: Tensor, vectors: Tensor) -> tuple[Tensor, int]:
@@ -129,9 +138,12 @@ def _measured_residuals(op: CurvatureOperator, values: Tensor, vectors: Tensor) 
         return torch.zeros(0, dtype=torch.float64), 0
     block = vectors if dtype == torch.float64 else torch.cat([vectors, 3.0 * vectors], dim=1)
     product = op.matmat(block.to(dtype)).to(torch.float64)
-    resid = (product[:, :k] - vectors * values.to(vectors.device)).norm(dim=0)
+    space = space_of(op)
+    diffs = product[:, :k] - vectors * values.to(vectors.device)
     if dtype != torch.float64:
-        resid = torch.hypot(resid, (product[:, k:] / 3.0 - product[:, :k]).norm(dim=0))
+        diffs = torch.cat([diffs, product[:, k:] / 3.0 - product[:, :k]], dim=1)
+    norms = column_norms(space, diffs)  # one collective for both
+    resid = norms[:k] if dtype == torch.float64 else torch.hypot(norms[:k], norms[k:])
     floor = ROUNDING_FACTOR * _rounding_floor(op, float(values.abs().max()))
     return resid.cpu().clamp_min(floor), block.shape[1]
 
@@ -186,6 +198,14 @@ def _lanczos_run(
     return theta[pick], vectors, ok, exhausted, result.num_hvps
 
 
+def _orthonormal_new(space: VectorSpace, vecs: Tensor, vectors: Tensor) -> Tensor:
+    """``vecs`` orthonormalised against the orthonormal ``vectors`` and each other (one column each)."""
+    new = orthonormal_columns(space, vecs, vectors)
+    if new.shape[1] != vecs.shape[1]:  # converged Ritz vectors are independent; rounding cannot drop one
+        raise RuntimeError("Lanczos restart produced linearly dependent Ritz vectors.")
+    return new
+
+
 def _top_lanczos(
     op: CurvatureOperator,
     k: int,
@@ -206,9 +226,11 @@ def _top_lanczos(
     extreme. The search ends, verified, when a restart's converged extreme value ranks below the
     ``k``-th found one; ``converged=False`` when a run ran out of steps first.
     """
-    n = op.num_params
+    space = space_of(op)
+    local_n = op.num_params
+    n = global_size(space, local_n, op.device)  # Krylov dimensions count every shard
     values = torch.zeros(0, dtype=torch.float64)
-    vectors = torch.zeros((n, 0), dtype=torch.float64, device=op.device)
+    vectors = torch.zeros((local_n, 0), dtype=torch.float64, device=op.device)
     hvps = 0
     verified = False
     for _attempt in range(2 * k + 2):
@@ -218,7 +240,7 @@ def _top_lanczos(
             break
         complement = _ComplementOperator(op, vectors, _far_shift(values, which)) if found else None
         sub_op = op if complement is None else complement
-        start = torch.randn((n, 1), generator=generator, dtype=torch.float64).to(op.device)
+        start = space.probes(local_n, 1, "gaussian", generator, device=op.device)
         if complement is not None:
             start = complement.project(start)
         wanted = max(1, min(k - min(found, k), n - found))
@@ -227,7 +249,7 @@ def _top_lanczos(
         )
         hvps += used
         if found:  # drop Ritz pairs that live in the found space (the shifted directions)
-            keep = (vectors.t() @ vecs).norm(dim=0) < 0.5
+            keep = space.gram(vectors, vecs).norm(dim=0) < 0.5
             theta, vecs, ok = theta[keep.cpu()], vecs[:, keep], ok[keep.cpu()]
             if theta.numel() == 0:
                 verified = found >= k
@@ -246,7 +268,7 @@ def _top_lanczos(
                 break
         values = torch.cat([values, theta])
         # re-orthonormalise the union (the new vectors are orthogonal to the old up to rounding)
-        vectors, _ = torch.linalg.qr(torch.cat([vectors, vecs], dim=1))
+        vectors = torch.cat([vectors, _orthonormal_new(space, vecs, vectors)], dim=1)
     order = _order(values, which)[:k]
     out_values, out_vectors = values[order], vectors[:, order.to(vectors.device)]
     residuals, used = _measured_residuals(op, out_values, out_vectors)
@@ -272,6 +294,7 @@ def _top_power(
     """Power iteration with deflation; ``which="smallest"`` iterates on ``H - shift I``."""
     n = op.num_params
     device = op.device
+    space = space_of(op)
     hvps = 0
     values: list[float] = []
     vectors: list[Tensor] = []
@@ -279,38 +302,43 @@ def _top_power(
     converged_all = True
     shift = 0.0
 
+    def dot(a: Tensor, b: Tensor) -> float:
+        return float(space.column_dots(a.unsqueeze(1), b.unsqueeze(1))[0])
+
     def step(v: Tensor) -> tuple[Tensor, Tensor]:
         """``(H v, (H - shift I) v`` deflated of the found pairs``)``."""
         nonlocal hvps
         hv = op.matmat(v.unsqueeze(1)).squeeze(1).to(torch.float64)
         hvps += 1
         w = hv - shift * v
-        for lam, vec in zip(values, vectors, strict=False):
-            w = w - (lam - shift) * vec * torch.dot(vec, v)
+        if vectors:  # all coefficients y_j . v in one collective
+            coeffs = space.gram(torch.stack(vectors, dim=1), v.unsqueeze(1)).reshape(-1).tolist()
+            for lam, vec, c in zip(values, vectors, coeffs, strict=True):
+                w = w - (lam - shift) * vec * c
         for vec in vectors:  # P (H - shift I - deflation) P: the found pairs' own errors drop out
-            w = w - vec * torch.dot(vec, w)
+            w = w - vec * dot(vec, w)
         return hv, w
 
     def iterate() -> tuple[float, Tensor, float, bool]:
-        v = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
+        v = space.probes(n, 1, "gaussian", generator, device=device).squeeze(1)
         for vec in vectors:
-            v = v - vec * torch.dot(vec, v)
-        v = v / v.norm()
+            v = v - vec * dot(vec, v)
+        v = v / math.sqrt(dot(v, v))
         lam_prev = None
         lam = 0.0
         resid = float("inf")
         for _ in range(max_iter):
             hv, w = step(v)
-            lam = float(torch.dot(v, w)) + shift  # Rayleigh quotient, unshifted
-            resid = float((hv - lam * v).norm())  # reported: the residual against H itself
-            # tested: the residual of the deflated operator (earlier pairs' errors excluded)
-            deflated_resid = float((w - (lam - shift) * v).norm())
+            lam = dot(v, w) + shift  # Rayleigh quotient, unshifted
+            # reported: the residual against H itself; tested: the residual of the deflated
+            # operator (earlier pairs' errors excluded); and ||w|| for the next iterate (one collective)
+            norms = column_norms(space, torch.stack([hv - lam * v, w - (lam - shift) * v, w], dim=1)).tolist()
+            resid, deflated_resid, norm = norms
             small_change = lam_prev is not None and abs(lam - lam_prev) <= tol * abs(lam)
             floor = ROUNDING_FACTOR * _rounding_floor(op, max(abs(lam), abs(shift)))
             if small_change and deflated_resid <= max(tol * abs(lam), floor):
                 return lam, v, resid, True
             lam_prev = lam
-            norm = w.norm()
             if norm == 0:
                 return lam, v, resid, resid == 0.0
             v = w / norm

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from lightning_hessian.operators import CurvatureOperator
+from lightning_hessian.operators.space import VectorSpace, space_of
 
-__all__ = ["ROUNDING_FACTOR", "LanczosResult", "lanczos", "rounding_floor"]
+__all__ = ["ROUNDING_FACTOR", "LanczosResult", "global_size", "lanczos", "rounding_floor"]
 
 #: A run stops ("happy breakdown": its Krylov space is invariant) when the new residual norm
 #: falls below this fraction of the largest |alpha|/beta seen so far in that run.
@@ -83,48 +84,92 @@ _DGKS_ETA = 0.7071067811865476
 CHUNK_ELEMENTS = 1 << 20
 
 
-def _dot64(a: Tensor, b: Tensor) -> float:
-    """``a . b`` of two 1-D tensors accumulated in float64, over slices (no full-size copies)."""
+def _local_dot64(a: Tensor, b: Tensor) -> Tensor:
+    """This process's part of ``a . b`` (1-D tensors), accumulated in float64 over slices."""
     total = torch.zeros((), dtype=torch.float64, device=a.device)
     for lo in range(0, a.numel(), CHUNK_ELEMENTS):
         hi = min(lo + CHUNK_ELEMENTS, a.numel())
         total += torch.dot(a[lo:hi].to(torch.float64), b[lo:hi].to(torch.float64))
-    return float(total)
+    return total
 
 
-def _reorthogonalise(w: Tensor, basis_rows: Tensor) -> None:
-    """Remove from ``w`` (1-D, in place) its components along the rows of ``basis_rows``.
+def _reduced_dots(space: VectorSpace, pairs: list[tuple[Tensor, Tensor]]) -> list[float]:
+    """``[a . b for a, b in pairs]`` (global inner products) with one collective for all of them."""
+    if not pairs:
+        return []
+    local = torch.stack([_local_dot64(a, b).cpu() for a, b in pairs])
+    return [float(x) for x in space.all_reduce(local.to(pairs[0][0].device)).cpu()]
 
-    Streams the basis in slabs of about :data:`CHUNK_ELEMENTS` numbers (moved to ``w``'s device
+
+def global_size(space: VectorSpace, local: int, device: torch.device | str) -> int:
+    """The global length of vectors whose local part has ``local`` entries (one collective)."""
+    return int(space.all_reduce(torch.tensor([float(local)], dtype=torch.float64, device=device)).item())
+
+
+def _slab_rows(num_params: int) -> int:
+    """Basis rows per streamed slab (from the *global* size, so every shard streams alike)."""
+    return max(1, CHUNK_ELEMENTS // max(num_params, 1))
+
+
+def _reorthogonalise_many(space: VectorSpace, ws: list[Tensor], bases: list[Tensor], num_params: int) -> None:
+    """Remove from each ``ws[i]`` (1-D, in place) its components along the rows of ``bases[i]``.
+
+    Streams each basis in slabs of about :data:`CHUNK_ELEMENTS` numbers (moved to ``w``'s device
     if the basis lives elsewhere); one pass, classical Gram–Schmidt per slab. The coefficients
     ``slab @ w`` and the update ``coeffs @ slab`` are accumulated in float64 over column chunks,
     whatever the basis dtype: a float32 basis then costs only its storage rounding (a float32
     ``mv`` over millions of entries lost ~1e-5 relative on the top Ritz value), and no temporary
-    is larger than a chunk.
+    is larger than a chunk. The coefficients of all vectors of one slab index are summed over
+    the shards in one collective (all bases have the same number of rows).
     """
-    steps, n = basis_rows.shape
-    rows_per_slab = max(1, CHUNK_ELEMENTS // max(n, 1))
+    if not ws:
+        return
+    steps = bases[0].shape[0]
+    rows_per_slab = _slab_rows(num_params)
     for lo in range(0, steps, rows_per_slab):
-        slab = basis_rows[lo : lo + rows_per_slab]
-        if slab.device != w.device:
-            slab = slab.to(w.device, non_blocking=True)
-        cols = max(1, CHUNK_ELEMENTS // slab.shape[0])
-        coeffs = torch.zeros(slab.shape[0], dtype=torch.float64, device=w.device)
-        for c in range(0, n, cols):
-            coeffs += slab[:, c : c + cols].to(torch.float64) @ w[c : c + cols].to(torch.float64)
-        for c in range(0, n, cols):
-            w[c : c + cols] -= (coeffs @ slab[:, c : c + cols].to(torch.float64)).to(w.dtype)
+        slabs = []
+        partial = []
+        for w, basis_rows in zip(ws, bases, strict=True):
+            slab = basis_rows[lo : lo + rows_per_slab]
+            if slab.device != w.device:
+                slab = slab.to(w.device, non_blocking=True)
+            cols = max(1, CHUNK_ELEMENTS // slab.shape[0])
+            coeffs = torch.zeros(slab.shape[0], dtype=torch.float64, device=w.device)
+            for c in range(0, w.numel(), cols):
+                coeffs += slab[:, c : c + cols].to(torch.float64) @ w[c : c + cols].to(torch.float64)
+            slabs.append(slab)
+            partial.append(coeffs)
+        reduced = space.all_reduce(torch.stack(partial))
+        for w, slab, coeffs in zip(ws, slabs, reduced, strict=True):
+            cols = max(1, CHUNK_ELEMENTS // slab.shape[0])
+            for c in range(0, w.numel(), cols):
+                w[c : c + cols] -= (coeffs @ slab[:, c : c + cols].to(torch.float64)).to(w.dtype)
 
 
-def _full_reorthogonalise(w: Tensor, basis_rows: Tensor) -> float:
-    """Reorthogonalise ``w`` once, or twice where DGKS asks for it; returns its new norm (float64)."""
-    before = math.sqrt(max(_dot64(w, w), 0.0))
+def _full_reorthogonalise_many(
+    space: VectorSpace, ws: list[Tensor], bases: list[Tensor], num_params: int
+) -> list[float]:
+    """Reorthogonalise each ``w`` once, or twice where DGKS asks for it; returns the new norms (float64).
+
+    Collectives: the norms before and after each pass and one per slab of each pass, for all
+    vectors together; a second pass runs for the vectors that need it (a decision taken from
+    reduced norms, so every shard takes it alike).
+    """
+    before = [math.sqrt(max(x, 0.0)) for x in _reduced_dots(space, [(w, w) for w in ws])]
+    after = list(before)
+    pending = list(range(len(ws)))
     for _ in range(2):
-        _reorthogonalise(w, basis_rows)
-        after = math.sqrt(max(_dot64(w, w), 0.0))
-        if after >= _DGKS_ETA * before:
-            return after
-        before = after
+        if not pending:
+            break
+        _reorthogonalise_many(space, [ws[i] for i in pending], [bases[i] for i in pending], num_params)
+        norms = _reduced_dots(space, [(ws[i], ws[i]) for i in pending])
+        still = []
+        for i, sq in zip(pending, norms, strict=True):
+            after[i] = math.sqrt(max(sq, 0.0))
+            if after[i] < _DGKS_ETA * before[i]:
+                before[i] = after[i]
+                still.append(i)
+        pending = still
     return after
 
 
@@ -176,10 +221,13 @@ def lanczos(
     n, num_runs = starts.shape
     if n != op.num_params:
         raise ValueError(f"`starts` must have {op.num_params} rows, got {n}.")
-    num_steps = int(min(num_steps, n))
     device = op.device
+    space = space_of(op)
+    # the global size: step caps and slab sizes must agree on every shard (same collectives)
+    global_n = global_size(space, n, device)
+    num_steps = int(min(num_steps, global_n))
     basis_device = torch.device(basis_device) if basis_device is not None else device
-    norms = starts.to(torch.float64).norm(dim=0)
+    norms = space.column_dots(starts, starts).sqrt().cpu()
     if not torch.all(norms > 0):
         raise ValueError("Lanczos start vectors must be non-zero.")
     first = (starts.to(device=device, dtype=torch.float64) / norms.to(device)).t().to(basis_dtype)  # [R, n]
@@ -231,18 +279,20 @@ def lanczos(
         w = op.matmat(block.t().to(device)).to(basis_dtype)  # [n, a]: the one full-size working array
         del block
         hvps += len(idx)
-        for slot, run in enumerate(idx):
-            w_r = w[:, slot]
-            q_r, q_prev_r = current(run, step)
-            q_r_dev = q_r.to(device)
-            alpha = _dot64(q_r_dev, w_r)
+        cols = [w[:, slot] for slot in range(len(idx))]
+        qs = [current(run, step) for run in idx]
+        q_devs = [q_r.to(device) for q_r, _ in qs]
+        step_alphas = _reduced_dots(space, list(zip(q_devs, cols, strict=True)))  # one collective
+        for w_r, q_r_dev, (_, q_prev_r), alpha, run in zip(cols, q_devs, qs, step_alphas, idx, strict=True):
             w_r.sub_(q_r_dev, alpha=alpha)
             if q_prev_r is not None:
                 w_r.sub_(q_prev_r.to(device), alpha=beta_prev[run])
-            if basis is not None:
-                beta = _full_reorthogonalise(w_r, basis[run, : step + 1])
-            else:
-                beta = math.sqrt(max(_dot64(w_r, w_r), 0.0))
+        del q_devs, qs
+        if basis is not None:
+            step_betas = _full_reorthogonalise_many(space, cols, [basis[run, : step + 1] for run in idx], global_n)
+        else:
+            step_betas = [math.sqrt(max(x, 0.0)) for x in _reduced_dots(space, [(c, c) for c in cols])]
+        for w_r, alpha, beta, run in zip(cols, step_alphas, step_betas, idx, strict=True):
             alphas[run].append(alpha)
             betas[run].append(beta)
             residual[run] = beta
@@ -259,7 +309,7 @@ def lanczos(
             if basis is not None and step + 1 < num_steps:
                 basis[run, step + 1].copy_(w_r)
             beta_prev[run] = beta
-        del w, w_r  # the column view w_r would keep this product alive during the next matmat
+        del w, w_r, cols  # the column views would keep this product alive during the next matmat
         if should_stop is not None and should_stop(step, snapshot()):
             break
     return snapshot()

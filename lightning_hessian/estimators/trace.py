@@ -9,9 +9,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_hessian._utils.random import ProbeKind, draw_probes, make_generator
+from lightning_hessian._utils.random import ProbeKind, make_generator
 from lightning_hessian._utils.stats import student_t_quantile
+from lightning_hessian.estimators._orthonormal import orthonormal_columns, project_off
 from lightning_hessian.operators import CurvatureOperator
+from lightning_hessian.operators.space import space_of
 
 __all__ = ["MIN_ADAPTIVE_PROBES", "TraceEstimate", "hessian_trace", "required_probes"]
 
@@ -78,8 +80,9 @@ def required_probes(std: float, mean: float, rel_tol: float, abs_tol: float, con
 
 
 def _samples(op: CurvatureOperator, probes: Tensor) -> Tensor:
+    """``v_j^T H v_j`` for the columns of ``probes`` (float64, global sums: one collective)."""
     hv = op.matmat(probes).to(torch.float64)
-    return (probes.to(torch.float64) * hv).sum(dim=0)
+    return space_of(op).column_dots(probes.to(torch.float64), hv)
 
 
 def _hutchinson(
@@ -94,7 +97,7 @@ def _hutchinson(
     min_probes: int,
     batch_size: int,
 ) -> TraceEstimate:
-    n, device = op.num_params, op.device
+    n, device, space = op.num_params, op.device, space_of(op)
     adaptive = rel_tol is not None or abs_tol is not None
     samples: list[Tensor] = []
     drawn = 0
@@ -103,14 +106,14 @@ def _hutchinson(
         assert num_probes is not None
         while drawn < num_probes:
             b = min(batch_size, num_probes - drawn)
-            samples.append(_samples(op, draw_probes(n, b, probe, generator, device=device)))
+            samples.append(_samples(op, space.probes(n, b, probe, generator, device=device)))
             drawn += b
     else:
         converged = False
         eps, eps_abs = rel_tol or 0.0, abs_tol or 0.0
         while drawn < max_probes:
             b = min(batch_size, max_probes - drawn)
-            samples.append(_samples(op, draw_probes(n, b, probe, generator, device=device)))
+            samples.append(_samples(op, space.probes(n, b, probe, generator, device=device)))
             drawn += b
             all_s = torch.cat(samples)
             if drawn >= min_probes:
@@ -141,17 +144,17 @@ def _hutchpp(
     subspace (``s`` more HVPs); the remaining ``g = budget - 2 s`` probes, projected off ``Q``,
     estimate the trace of the deflated rest by Hutchinson.
     """
-    n, device = op.num_params, op.device
+    n, device, space = op.num_params, op.device, space_of(op)
     s = budget // 3
     g = budget - 2 * s
-    sketch = draw_probes(n, s, probe, generator, device=device)
-    q, _ = torch.linalg.qr(op.matmat(sketch).to(torch.float64))
-    top = float((q * op.matmat(q).to(torch.float64)).sum())
+    sketch = space.probes(n, s, probe, generator, device=device)
+    q = orthonormal_columns(space, op.matmat(sketch).to(torch.float64))
+    top = float(space.column_dots(q, op.matmat(q).to(torch.float64)).sum()) if q.shape[1] else 0.0
     residual_samples = []
     for start in range(0, g, batch_size):
         b = min(batch_size, g - start)
-        probes = draw_probes(n, b, probe, generator, device=device)
-        projected = probes - q @ (q.T @ probes)
+        probes = space.probes(n, b, probe, generator, device=device)
+        projected = project_off(space, q, probes)
         residual_samples.append(_samples(op, projected))
     rest = torch.cat(residual_samples).cpu()
     stderr = float(rest.std() / math.sqrt(g)) if g > 1 else float("nan")
@@ -159,7 +162,7 @@ def _hutchpp(
         value=top + float(rest.mean()),
         stderr=stderr,
         num_probes=s + g,
-        num_hvps=2 * s + g,
+        num_hvps=s + q.shape[1] + g,  # a rank-deficient sketch drops columns of Q
         method="hutch++",
         samples=rest,
     )

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_hessian._utils.random import draw_probes, make_generator
+from lightning_hessian._utils.random import make_generator
+from lightning_hessian.operators.space import LOCAL_SPACE, VectorSpace
 
 __all__ = ["DirectionGroup", "direction_seeds", "draw_directions"]
 
@@ -47,11 +48,20 @@ class DirectionGroup:
 
 
 def draw_directions(
-    base_seed: int, start: int, count: int, n: int, log_p: Tensor | None, device: torch.device
+    base_seed: int,
+    start: int,
+    count: int,
+    n: int,
+    log_p: Tensor | None,
+    device: torch.device,
+    space: VectorSpace = LOCAL_SPACE,
 ) -> DirectionGroup:
-    """Directions ``start .. start+count-1``: ``u_i`` uniform, ``v_i = P u_i`` (``P = exp(log_p)``)."""
+    """Directions ``start .. start+count-1``: ``u_i`` uniform, ``v_i = P u_i`` (``P = exp(log_p)``).
+
+    ``space`` draws the Gaussian vectors (a sharded space draws this process's rows).
+    """
     z = torch.cat(
-        [draw_probes(n, 1, "gaussian", make_generator(base_seed + start + j), device=device).t() for j in range(count)]
+        [space.probes(n, 1, "gaussian", make_generator(base_seed + start + j), device=device).t() for j in range(count)]
     )  # [J, n] float64
     log_z_norm = torch.log(z.norm(dim=1))
     shift = float(log_p.max()) if log_p is not None else 0.0

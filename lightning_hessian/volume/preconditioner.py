@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_hessian._utils.random import draw_probes
 from lightning_hessian.operators import HessianOperator
+from lightning_hessian.operators.space import space_of
 from lightning_hessian.optim_state import (
     ADAM_LIKE,
     ParamGroupInfo,
@@ -231,7 +231,9 @@ def _hutchinson_diagonal(
         all_reduce=all_reduce,
         max_batched_vectors=8,
     )
-    z = draw_probes(op.num_params, probes, "rademacher", generator, device=evaluator.device, dtype=evaluator.dtype)
+    z = space_of(op).probes(
+        op.num_params, probes, "rademacher", generator, device=evaluator.device, dtype=evaluator.dtype
+    )
     hz = op.matmat(z).to(torch.float64)
     return (z.to(torch.float64) * hz).mean(dim=1)
 
