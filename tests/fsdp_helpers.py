@@ -276,7 +276,11 @@ def lightning_scenarios(out_dir: str) -> None:
     fsdp_fit(out / "without_callbacks", [])
     # rank 1 only: NaN analysis outputs at epoch 1, an exception in its analysis forward at epoch 2
     fsdp_fit(
-        out / "failure_on_rank_1", [fsdp_hessian_monitor(), fsdp_volume_monitor()], epochs=3, poison_epoch=1, raise_epoch=2
+        out / "failure_on_rank_1",
+        [fsdp_hessian_monitor(), fsdp_volume_monitor()],
+        epochs=3,
+        poison_epoch=1,
+        raise_epoch=2,
     )
 
 

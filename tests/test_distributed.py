@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_hessian import HessianOperator, local_volume, spectral_density
 from lightning_hessian.callbacks import HessianMonitor, default_classification_loss
 from lightning_hessian.callbacks._analysis_set import AnalysisSet
+from lightning_hessian.operators.sharded_space import parameter_space
 from tests.ddp_helpers import (
     ANALYSIS_FRACTION,
     DROP_EPOCH,
@@ -180,8 +181,12 @@ def _module_at(record: dict[str, Any], epoch: int):
 
 
 def _reference_hessian_values(record: dict[str, Any], epoch: int, monitor: HessianMonitor) -> dict[str, float]:
+    model = _module_at(record, epoch)
     op = HessianOperator(
-        _module_at(record, epoch), default_classification_loss, _analysis_loader(record["indices"]["HessianMonitor"])
+        model,
+        default_classification_loss,
+        _analysis_loader(record["indices"]["HessianMonitor"]),
+        vector_space=parameter_space(list(model.parameters())),  # the monitors' per-parameter probes
     )
     sd = spectral_density(op, num_runs=monitor.num_runs, num_steps=monitor.num_steps, seed=monitor.seed)
     top, _ = sd.top_ritz_values(2)

@@ -8,6 +8,7 @@ double backward).
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def test_blocked_probes_are_the_same_for_any_split_of_a_parameter(kind):
     expected = whole.probes(whole.local_size, 3, kind, torch.Generator().manual_seed(11))
     for bounds in ([0, numel], [0, 70000, numel], [0, 1, PROBE_BLOCK, PROBE_BLOCK + 5, numel]):
         pieces = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             part = ShardedSpace([ParameterRange(5, 0, 5), ParameterRange(numel, lo, hi)])
             rows = part.probes(part.local_size, 3, kind, torch.Generator().manual_seed(11))
             pieces.append(rows[5:])

@@ -15,17 +15,17 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_hessian.callbacks._analysis_set import DEFAULT_MAX_ANALYSIS_BYTES
 from lightning_hessian.callbacks._base import CurvatureCallback, default_classification_loss
 from lightning_hessian.callbacks._curvature_views import CurvatureViews
+from lightning_hessian.callbacks._logging import density_figure, density_histogram
 from lightning_hessian.callbacks._sharding import (
     is_sharded,
     sharded_hessian_operator,
     sharded_options_error,
     with_parameter_space,
 )
-from lightning_hessian.callbacks._logging import density_figure, density_histogram
 from lightning_hessian.estimators.density import SpectralDensity, spectral_density
 from lightning_hessian.operators import GGNOperator, HessianOperator
-from lightning_hessian.operators.sharded import ShardedHessianOperator
 from lightning_hessian.operators.reduction import check_operator_loss_reduction
+from lightning_hessian.operators.sharded import ShardedHessianOperator
 from lightning_hessian.signals.sharp_drop import TraceSharpDropDetector
 
 __all__ = ["HessianMonitor"]
@@ -365,7 +365,9 @@ class HessianMonitor(CurvatureCallback):
         # per-parameter probes: the same as an FSDP2 run of the same model with the same seed
         if self.curvature == "ggn":
             if kwargs["loss_fn"] is default_classification_loss:  # [B, T, V] logits are flattened over positions
-                return with_parameter_space(GGNOperator(pl_module, loss_hessian="cross_entropy", class_dim=-1, **kwargs))
+                return with_parameter_space(
+                    GGNOperator(pl_module, loss_hessian="cross_entropy", class_dim=-1, **kwargs)
+                )
             return with_parameter_space(GGNOperator(pl_module, **kwargs))
         return with_parameter_space(HessianOperator(pl_module, **kwargs))
 
@@ -430,7 +432,9 @@ class HessianMonitor(CurvatureCallback):
         start = self._timer()
         data = self._analysis_data(trainer)
         op = self._operator(pl_module, data, self._all_reduce(trainer))
-        if not self._reduction_checked and not is_sharded(pl_module):  # once: a summed loss scales the Hessian by the batch size
+        if not self._reduction_checked and not is_sharded(
+            pl_module
+        ):  # once: a summed loss scales the Hessian by the batch size
             self._reduction_checked = True
             check_operator_loss_reduction(op)
         probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)

@@ -18,11 +18,10 @@ from lightning_hessian.callbacks._analysis_set import (
     DEFAULT_MAX_ANALYSIS_BYTES,
     _plain_dataloader,
 )
-from lightning_hessian.callbacks._sharding import is_sharded, sharded_options_error
 from lightning_hessian.callbacks._base import CurvatureCallback
 from lightning_hessian.callbacks._logging import Histogram
+from lightning_hessian.callbacks._sharding import is_sharded, sharded_options_error
 from lightning_hessian.optim_state import param_groups, unwrap_optimizer
-from lightning_hessian.volume.sharded import sharded_local_volume
 from lightning_hessian.volume import (
     MissingOptimizerStateError,
     VolumeComputationError,
@@ -31,6 +30,7 @@ from lightning_hessian.volume import (
     local_volume,
 )
 from lightning_hessian.volume.preconditioner import holds_adam_moment
+from lightning_hessian.volume.sharded import sharded_local_volume
 
 __all__ = ["LocalVolumeMonitor"]
 

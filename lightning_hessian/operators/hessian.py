@@ -22,9 +22,9 @@ from lightning_hessian.operators._batches import (
     _nbytes,
 )
 from lightning_hessian.operators._state import _analysis_mode, preserved_model_state
-from lightning_hessian.operators.space import VectorSpace
 from lightning_hessian.operators.base import _check_matrix, _matvec_via_matmat
 from lightning_hessian.operators.sharded import dtensor_parameters, fsdp2_error
+from lightning_hessian.operators.space import VectorSpace
 
 __all__ = ["Backend", "HessianOperator"]
 

@@ -156,7 +156,7 @@ class ShardedHessianOperator:
             raise ValueError("Every parameter must be sharded over the same device mesh.")
         self.group = groups[0]
         self.vector_space = ShardedSpace(ranges, self.group)
-        self._locals = [p.to_local() for p in self._params]
+        self._locals: list[Tensor] = [p.to_local() for p in self._params]  # type: ignore[attr-defined]
         self._dtype = self._params[0].dtype
         self._device = self._locals[0].device
         self.fd_step = float(fd_step) if fd_step is not None else torch.finfo(self._dtype).eps ** (1 / 3)
@@ -299,7 +299,7 @@ class ShardedHessianOperator:
                     loss_sum += weight * float(loss.detach())
                     (loss * (weight * self.world_size / total)).backward()
             grads = [
-                p.grad.to_local().reshape(-1).to(torch.float64)
+                p.grad.to_local().reshape(-1).to(torch.float64)  # type: ignore[attr-defined]
                 if p.grad is not None
                 else torch.zeros(t.numel(), dtype=torch.float64, device=self._device)
                 for p, t in zip(self._params, self._locals, strict=True)

@@ -142,6 +142,14 @@ class ShardedSpace:
         base = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64))
         return draw_parameter_probes(self.ranges, num_probes, kind, base).to(device=device, dtype=dtype)
 
+    def restricted(self, indices: Sequence[int]) -> ShardedSpace:
+        """The space of the parameters ``indices`` only (a diagonal block), with their own probe streams.
+
+        Probe streams are keyed by the parameter's index here, so a block draws different (still
+        world-size independent) probes than the same parameters inside the whole space.
+        """
+        return ShardedSpace([self.ranges[i] for i in indices], self.group)
+
     def __repr__(self) -> str:
         where = "sharded" if self.group is not None else "whole"
         return f"ShardedSpace({len(self.ranges)} parameters, {self.local_size}/{self.global_size} entries, {where})"

@@ -22,8 +22,8 @@ from lightning_hessian.operators import (
     derivative_friendly_attention,
     preserved_model_state,
 )
-from lightning_hessian.operators.sharded import dtensor_parameters, fsdp2_error
 from lightning_hessian.operators._batches import _default_batch_size, _move
+from lightning_hessian.operators.sharded import dtensor_parameters, fsdp2_error
 from lightning_hessian.volume.config import (
     CostFn,
     CostName,

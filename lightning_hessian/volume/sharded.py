@@ -25,14 +25,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_hessian.operators._batches import _default_batch_size, _move
 from lightning_hessian.operators._state import preserved_model_state
-from lightning_hessian.operators.sharded import _local_range, dtensor_parameters, reshard_all
+from lightning_hessian.operators.sharded import _local_range, reshard_all
 from lightning_hessian.operators.sharded_space import ParameterRange, ShardedSpace, draw_parameter_probes
 from lightning_hessian.optim_state import adam_state
 from lightning_hessian.volume.cost import CostEvaluator, _Batch, reduce_with_failure_flag
@@ -110,7 +110,7 @@ def distributed_median(space: ShardedSpace, values: Tensor) -> float:
 
 
 class ShardedCostEvaluator(CostEvaluator):
-    """:class:`~lightning_hessian.volume.cost.CostEvaluator` for local shards: ``C(theta + t v)`` by in-place perturbation.
+    """A :class:`~lightning_hessian.volume.cost.CostEvaluator` of local shards: ``C(theta + t v)`` perturbing in place.
 
     Every process runs the same number of forward passes (FSDP2's forward is collective): one with
     fewer batches repeats its first and discards the output. Each forward is followed by one
@@ -165,7 +165,9 @@ class ShardedCostEvaluator(CostEvaluator):
             result = fn()
         except Exception as err:  # noqa: BLE001 - re-raised by the agreement
             failure = err
-        reduce_with_failure_flag(torch.zeros(0, dtype=torch.float64), failure, self.all_reduce, "in a forward pass")
+        reduce_with_failure_flag(
+            torch.zeros(0, dtype=torch.float64), failure, self.space.all_reduce, "in a forward pass"
+        )
         return result
 
     def _set(self, theta: Tensor | None, direction: Tensor | None, t: float) -> None:
@@ -201,7 +203,7 @@ class ShardedCostEvaluator(CostEvaluator):
         finally:
             self._set(None, None, 0.0)
             reshard_all_if_sharded(self.model, self.space)
-        total = self.all_reduce(sums)
+        total = self.space.all_reduce(sums)
         return (total / self.total_weight).cpu()
 
 
@@ -220,7 +222,7 @@ def reshard_all_if_sharded(model: nn.Module, space: ShardedSpace) -> None:
 
 
 def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # type: ignore[no-any-return]
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _adam_log_p(
@@ -229,7 +231,7 @@ def _adam_log_p(
     """``log p`` (local rows, global mean zero) of ``p_j ∝ 1/(|d_j|^½ + ε_j)`` from Adam's moments, and ε."""
     state = adam_state(params, optimizer, names, bias_corrected=True)
     scales, floors, missing = [], [], []
-    for i, (name, p) in enumerate(zip(names, params, strict=True)):
+    for i, name in enumerate(names):
         v = state.second_moments[i]
         if v is None or not math.isfinite(state.eps[i]):
             missing.append(name)
@@ -443,7 +445,7 @@ def sharded_local_volume(
     from lightning_hessian.volume.cost import default_output_fn
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p for _, p in named]
+    names, params = [n for n, _ in named], [cast(Tensor, p) for _, p in named]
     space, locals_ = _parameter_space(params)
     base_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(seed)))
     with (
