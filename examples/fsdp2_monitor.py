@@ -93,8 +93,8 @@ def main() -> None:
     trainer.fit(ShardedMLP(args.hidden), DataLoader(digits(), batch_size=64, shuffle=True))
     print(f"[rank {trainer.global_rank}] epoch  trace       top_eigenvalue  log_volume  (HVPs: finite differences)")
     for row, vol in zip(hessian.history, volume.history, strict=True):
-        rank, epoch = trainer.global_rank, int(row["epoch"])
-        print(f"[rank {rank}] {epoch:5d}  {row['trace']:10.4f}  {row['top_eigenvalue']:14.6f}  {vol['log_volume']:10.2f}")
+        rank, epoch, top = trainer.global_rank, int(row["epoch"]), row["top_eigenvalue"]
+        print(f"[rank {rank}] {epoch:5d}  {row['trace']:10.4f}  {top:14.6f}  {vol['log_volume']:10.2f}")
 
 
 if __name__ == "__main__":
