@@ -32,6 +32,11 @@ from lightning_hessian.errors import NonFiniteHVPError, NonFiniteLossError
 from lightning_hessian.operators._batches import BatchLossFn, LossFn, _default_batch_size, _LossModule, _move
 from lightning_hessian.operators._state import _analysis_mode, preserved_model_state
 from lightning_hessian.operators.base import _check_matrix, _matvec_via_matmat
+from lightning_hessian.operators.finite_difference import (
+    FiniteDifferenceState,
+    central_difference_products,
+)
+from lightning_hessian.operators.finite_difference import fd_step as default_fd_step
 from lightning_hessian.operators.sharded_space import ParameterRange, ShardedSpace
 
 __all__ = ["ShardedHessianOperator", "dtensor_parameters", "fsdp2_error", "reshard_all"]
@@ -96,9 +101,11 @@ class ShardedHessianOperator:
     every method in the same order. Each column costs two gradients of the whole analysis set
     (forward + backward of every local micro-batch, with FSDP2's all-gathers/reduce-scatters).
 
-    The step is :math:`h = \epsilon^{1/3}(1 + \lVert\theta\rVert)/\lVert v\rVert` (central
-    differences: truncation :math:`O(h^2)` against rounding :math:`O(\epsilon/h)`), :math:`\epsilon`
-    the parameters' machine epsilon, norms global; ``fd_step`` overrides :math:`\epsilon^{1/3}`.
+    Each column is scaled to unit *global* norm and perturbed by the length
+    :math:`\varepsilon = c\,\epsilon^{1/3}\max(1, \mathrm{rms}(\theta))`
+    (:func:`~lightning_hessian.operators.finite_difference.fd_step` on global sums; ``fd_step``
+    overrides it); the first product also evaluates one column at :math:`2\varepsilon` and exposes
+    :attr:`fd_error_estimate`, the measured relative error (logged by the monitors).
     Local shards are perturbed in place and restored bitwise from a saved copy after every
     gradient; ``.grad``, buffers, train/eval flags and the RNG are as found afterwards.
 
@@ -111,7 +118,8 @@ class ShardedHessianOperator:
         batch_loss: Alternative to ``loss_fn``: ``batch_loss(model, batch) -> mean loss``.
         batch_size_fn: ``batch -> weight |b|`` (default: leading dimension).
         train_mode_batchnorm: BatchNorm on batch statistics (running statistics untouched).
-        fd_step: Relative step replacing :math:`\epsilon^{1/3}` (``None``: default).
+        fd_step: Perturbation length :math:`\varepsilon` (``None``: the default rule).
+        fd_richardson: Richardson-extrapolated products (4 gradients per vector instead of 2).
 
     Raises:
         ValueError: A parameter is not an FSDP2 ``Shard(0)`` DTensor, or the model has no
@@ -128,13 +136,13 @@ class ShardedHessianOperator:
         batch_size_fn: Callable[[Any], float] | None = None,
         train_mode_batchnorm: bool = False,
         fd_step: float | None = None,
+        fd_richardson: bool = False,
     ) -> None:
         if (loss_fn is None) == (batch_loss is None):
             raise TypeError("Pass exactly one of `loss_fn` and `batch_loss`.")
         if data is None or isinstance(data, Iterator):
             raise TypeError("`data` must be a re-iterable of this process's batches (a list or a DataLoader).")
-        if fd_step is not None and not (isinstance(fd_step, (int, float)) and 0 < fd_step < 1):
-            raise ValueError(f"`fd_step` must be in (0, 1) or None, got {fd_step!r}.")
+        self.fd = FiniteDifferenceState(fd_step, fd_richardson)
         self.model = model
         self.data = data
         self.batch_size_fn = batch_size_fn or _default_batch_size
@@ -159,7 +167,6 @@ class ShardedHessianOperator:
         self._locals: list[Tensor] = [p.to_local() for p in self._params]  # type: ignore[attr-defined]
         self._dtype = self._params[0].dtype
         self._device = self._locals[0].device
-        self.fd_step = float(fd_step) if fd_step is not None else torch.finfo(self._dtype).eps ** (1 / 3)
         self._num_hvps = 0
         self._batches_cache: list[tuple[Any, float]] | None = None
         self._wrapper = _LossModule(model, loss_fn, batch_loss)
@@ -190,6 +197,21 @@ class ShardedHessianOperator:
     @property
     def num_hvps(self) -> int:
         return self._num_hvps
+
+    @property
+    def fd_step(self) -> float | None:
+        """The perturbation length in use (``None`` before the first product without an override)."""
+        return self.fd.step
+
+    @property
+    def fd_error_estimate(self) -> float:
+        """Measured relative error of the products (``||S_h - S_2h|| / ||S_h||`` once; NaN before)."""
+        return self.fd.error_estimate
+
+    @property
+    def num_gradients(self) -> int:
+        """Sharded gradient evaluations (micro-batch passes) spent on products so far."""
+        return self.fd.num_gradients
 
     @property
     def backend(self) -> str:
@@ -331,29 +353,57 @@ class ShardedHessianOperator:
             raise NonFiniteLossError("The loss is NaN or Inf on the analysis data (on some process).")
         return loss
 
-    def _set(self, saved: list[Tensor], direction: list[Tensor] | None, scale: float) -> None:
-        reshard_all(self.model)  # no stale all-gathered copy survives a change of the shards
-        with torch.no_grad():
-            for t, s, d in zip(self._locals, saved, direction or saved, strict=True):
-                if direction is None:
-                    t.copy_(s)
-                else:
-                    t.copy_((s.to(torch.float64) + scale * d).to(t.dtype))
+    def _grad_fn(self, plan: Any) -> Callable[[], tuple[list[Tensor], Tensor]]:
+        """``() -> (local gradient shards, loss)`` at the shards' current values (collective)."""
 
-    def _column(self, saved: list[Tensor], theta_norm: float, v: Tensor, plan: Any) -> Tensor:
-        v_norm = math.sqrt(float(self.vector_space.column_dots(v[:, None], v[:, None])[0]))
-        if v_norm == 0:
-            return torch.zeros_like(v, dtype=torch.float64)
-        h = self.fd_step * (1.0 + theta_norm) / v_norm
-        pieces = self.unflatten(v.to(torch.float64))
-        try:
-            self._set(saved, pieces, h)
-            g_plus, _ = self._gradient(plan)
-            self._set(saved, pieces, -h)
-            g_minus, _ = self._gradient(plan)
-        finally:
-            self._set(saved, None, 0.0)
-        return (g_plus - g_minus) / (2 * h)
+        def grad_fn() -> tuple[list[Tensor], Tensor]:
+            reshard_all(self.model)  # no stale all-gathered copy survives a change of the shards
+            flat, loss = self._gradient(plan)
+            return self.unflatten(flat), torch.tensor(loss, dtype=torch.float64)
+
+        return grad_fn
+
+    def _step(self) -> float:
+        if self.fd.step is None:
+            sq = self.vector_space.all_reduce(
+                torch.tensor([sum(float(t.detach().double().pow(2).sum()) for t in self._locals)], dtype=torch.float64)
+            )
+            self.fd.step = default_fd_step(float(sq[0]), self.global_num_params, self._dtype)
+        return self.fd.step
+
+    def _products(self, matrix: Tensor, plan: Any) -> Tensor:
+        """Central differences along the unit columns (global norms), scaled back; the 2ε check once."""
+        k = matrix.shape[1]
+        v = matrix.to(device=self._device, dtype=torch.float64)
+        norms = self.vector_space.column_dots(v, v).sqrt().to(self._device)
+        units = v / torch.where(norms > 0, norms, torch.ones_like(norms))
+        tangents = [
+            piece.t().reshape(k, *t.shape).to(t.dtype)
+            for piece, t in zip(self._split_rows(units), self._locals, strict=True)
+        ]
+        step, grad_fn = self._step(), self._grad_fn(plan)
+        result = central_difference_products(self._locals, tangents, grad_fn, step, richardson=self.fd.richardson)
+        self.fd.num_gradients += result.num_gradients * len(plan[0])
+        products = torch.cat([h.reshape(k, -1) for h in result.products], dim=1).t()
+        nonzero = [j for j in range(k) if float(norms[j]) > 0]
+        if math.isnan(self.fd.error_estimate) and nonzero:
+            j = nonzero[0]
+            coarse = central_difference_products(
+                self._locals, [t[j : j + 1] for t in tangents], grad_fn, 2.0 * step, richardson=self.fd.richardson
+            )
+            self.fd.num_gradients += coarse.num_gradients * len(plan[0])
+            fine = products[:, j : j + 1]
+            diff = fine - torch.cat([h.reshape(1, -1) for h in coarse.products], dim=1).t()
+            num, den = self.vector_space.column_dots(torch.cat([diff, fine], 1), torch.cat([diff, fine], 1)).sqrt()
+            self.fd.error_estimate = float(num / den) if float(den) > 0 else (0.0 if float(num) == 0 else math.inf)
+        return products * norms.unsqueeze(0)
+
+    def _split_rows(self, matrix: Tensor) -> list[Tensor]:
+        out, offset = [], 0
+        for t in self._locals:
+            out.append(matrix[offset : offset + t.numel()])
+            offset += t.numel()
+        return out
 
     def matmat(self, matrix: Tensor) -> Tensor:
         """This process's rows of ``H @ V`` for its rows ``V`` ``[num_params, k]`` (collective).
@@ -364,15 +414,10 @@ class ShardedHessianOperator:
         """
         _check_matrix(matrix, self.num_params)
         k = matrix.shape[1]
-        out = torch.zeros((self.num_params, k), dtype=torch.float64, device=self._device)
+        if k == 0:
+            return matrix.new_zeros((self.num_params, 0))
         with self._guarded():
-            plan = self._plan()
-            saved = [t.detach().clone() for t in self._locals]
-            theta = torch.cat([s.reshape(-1, 1) for s in saved])
-            theta_norm = math.sqrt(float(self.vector_space.column_dots(theta, theta)[0]))
-            del theta
-            for j in range(k):
-                out[:, j] = self._column(saved, theta_norm, matrix[:, j].to(self._device), plan)
+            out = self._products(matrix, self._plan())
         self._num_hvps += k
         (bad,) = self._reduce([0.0 if bool(torch.isfinite(out).all()) else 1.0])
         if bad > 0:
