@@ -17,7 +17,8 @@ At ``W = 1`` it also measures the cost of one HVP in gradients of the same model
 (forward + backward over the analysis set), exact HVPs (double backward, forward-over-reverse)
 through :class:`~lightning_hessian.HessianOperator` on the unsharded model, and the
 finite-difference HVP of :class:`~lightning_hessian.operators.sharded.ShardedHessianOperator`;
-and the FD product's relative error against the exact one (float32 model).
+and the FD product's relative error against the exact one (float32 model); and λ_max by finite
+differences against the exact one on a ReLU and a tanh digits MLP (the kinks of ReLU).
 
 On a machine with fewer cores than ``4``, times at ``W = 4`` measure oversubscription, not
 scaling; the memory figures do not depend on it.
@@ -155,6 +156,31 @@ def cost_per_vector(width: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def activations() -> dict[str, dict[str, float]]:
+    """World size 1: λ_max by sharded finite differences vs exact, ReLU vs tanh digits MLP (64-32-10)."""
+    import copy
+
+    from lightning_hessian import HessianOperator, top_eigenvalues
+    from lightning_hessian.operators.sharded import ShardedHessianOperator
+    from tests.helpers import digits_tensors
+
+    x, y = digits_tensors()
+    data = [(x[i : i + 50], y[i : i + 50]) for i in range(0, 200, 50)]
+    out = {}
+    for act in (nn.ReLU, nn.Tanh):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), act(), nn.Linear(32, 10))
+        exact = top_eigenvalues(HessianOperator(model, nn.functional.cross_entropy, data), k=1, seed=0)
+        op = ShardedHessianOperator(fully_sharded(copy.deepcopy(model), 1), nn.functional.cross_entropy, data)
+        fd = top_eigenvalues(op, k=1, seed=0)
+        out[act.__name__] = {
+            "exact": float(exact.values[0]),
+            "fd": float(fd.values[0]),
+            "fd_error_estimate": op.fd_error_estimate,
+        }
+    return out
+
+
 def _worker(rank: int, world: int, port: int, width: int, repeats: int, out: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)  # one thread per process: no OpenMP oversubscription on a shared machine
@@ -163,6 +189,7 @@ def _worker(rank: int, world: int, port: int, width: int, repeats: int, out: str
         record = sharded_figures(rank, world, width, repeats)
         if world == 1:
             record.update(cost_per_vector(width, repeats))
+            record["activations"] = activations()
         Path(out, f"w{world}_r{rank}.json").write_text(json.dumps(record))
     finally:
         dist.destroy_process_group()
@@ -208,6 +235,13 @@ def report(results: dict[int, list[dict[str, Any]]]) -> None:
             )
         print(f"  finite-difference product vs exact (float32): {one['fd_relative_error']:.2e} relative")
         print(f"  the operator's own measured error estimate: {one['fd_error_estimate']:.2e}")
+        print("\nλ_max, sharded finite differences vs exact (digits MLP 64-32-10, 200 samples, float32):")
+        for name, row in one["activations"].items():
+            rel = abs(row["fd"] - row["exact"]) / abs(row["exact"])
+            print(
+                f"  {name:>5}: exact {row['exact']:.6f}  fd {row['fd']:.6f}  relative difference {rel:.2e}  "
+                f"measured fd_rel_error {row['fd_error_estimate']:.2e}"
+            )
 
 
 def main() -> None:

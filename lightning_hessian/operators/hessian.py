@@ -24,14 +24,14 @@ from lightning_hessian.operators._batches import (
 )
 from lightning_hessian.operators._state import _analysis_mode, preserved_model_state
 from lightning_hessian.operators.base import _check_matrix, _matvec_via_matmat
-from lightning_hessian.operators.sharded import dtensor_parameters, fsdp2_error
-from lightning_hessian.operators.space import VectorSpace
 from lightning_hessian.operators.finite_difference import (
     FiniteDifferenceState,
     central_difference_products,
     fd_relative_error,
     unit_columns,
 )
+from lightning_hessian.operators.sharded import dtensor_parameters, fsdp2_error
+from lightning_hessian.operators.space import VectorSpace
 
 __all__ = ["Backend", "HessianOperator"]
 

@@ -91,7 +91,125 @@ def _local_range(param: Any) -> tuple[ParameterRange, Any]:
     return ParameterRange(param.numel(), start, start + math.prod(shape)), mesh.get_group()
 
 
-class ShardedHessianOperator:
+class _ShardedPasses:
+    """The sharded passes over this process's analysis batches: collectives, gradients, agreed forwards.
+
+    Every method is collective over ``self.group``; :class:`ShardedHessianOperator` sets the
+    attributes used here (model, loss wrapper, data, parameters and their local shards).
+    """
+
+    model: nn.Module
+    data: Iterable[Any]
+    batch_size_fn: Callable[[Any], float]
+    train_mode_batchnorm: bool
+    group: Any
+    world_size: int
+    _params: list[Tensor]
+    _locals: list[Tensor]
+    _device: torch.device
+    _batches_cache: list[tuple[Any, float]] | None
+    _wrapper: _LossModule
+
+    # ------------------------------------------------------------------ data and collectives
+
+    def _reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self._device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
+        return [float(x) for x in t.tolist()]
+
+    def _batches(self) -> list[tuple[Any, float]]:
+        if self._batches_cache is None:
+            out = []
+            for batch in self.data:
+                moved = _move(batch, self._device)
+                weight = float(self.batch_size_fn(moved))
+                if not math.isfinite(weight) or weight < 0:
+                    raise ValueError(f"Batch weight must be non-negative and finite, got {weight}.")
+                if weight > 0:
+                    out.append((moved, weight))
+            self._batches_cache = out
+        return self._batches_cache
+
+    def _plan(self) -> tuple[list[tuple[Any, float]], int, float]:
+        """Local batches, the common number of passes, the global total weight (collective)."""
+        batches = self._batches()
+        weight = sum(w for _, w in batches)
+        steps, empty = self._reduce([float(len(batches)), 0.0 if batches else 1.0], "max")
+        (total,) = self._reduce([weight])
+        if empty > 0 or total <= 0:
+            raise ValueError(
+                "ShardedHessianOperator: a process has no analysis batch; FSDP2's forward is collective, so every "
+                "process needs at least one micro-batch (use at least world_size analysis samples)."
+            )
+        return batches, int(steps), total
+
+    def _guarded(self) -> contextlib.ExitStack[bool | None]:
+        stack = contextlib.ExitStack()
+        stack.callback(reshard_all, self.model)  # training's next forward all-gathers the restored shards
+        stack.enter_context(preserved_model_state(self.model))
+        stack.enter_context(_analysis_mode(self.model, self.train_mode_batchnorm))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.autocast(device_type=self._device.type, enabled=False))
+        return stack
+
+    # ------------------------------------------------------------------ gradients and products
+
+    def _gradient(self, plan: tuple[list[tuple[Any, float]], int, float]) -> tuple[Tensor, float]:
+        """This process's slice of :math:`\\nabla L` (float64) and the global mean loss (collective).
+
+        Every process runs the same number of forward/backward passes (FSDP2 collectives): one
+        with fewer batches repeats its first with weight 0. FSDP2's reduce-scatter averages over
+        the mesh, so each local loss is scaled by the world size.
+        """
+        batches, steps, total = plan
+        saved_grads = [p.grad for p in self._params]
+        for p in self._params:
+            p.grad = None
+        loss_sum = 0.0
+        try:
+            with torch.enable_grad():
+                for step in range(steps):
+                    batch, weight = batches[step] if step < len(batches) else (batches[0][0], 0.0)
+                    loss = self._agreed_forward(batch)
+                    loss_sum += weight * float(loss.detach())
+                    (loss * (weight * self.world_size / total)).backward()
+            grads = [
+                p.grad.to_local().reshape(-1).to(torch.float64)  # type: ignore[attr-defined]
+                if p.grad is not None
+                else torch.zeros(t.numel(), dtype=torch.float64, device=self._device)
+                for p, t in zip(self._params, self._locals, strict=True)
+            ]
+        finally:
+            for p, g in zip(self._params, saved_grads, strict=True):
+                p.grad = g
+        (loss_total,) = self._reduce([loss_sum])
+        return torch.cat(grads), loss_total / total
+
+    def _agreed_forward(self, batch: Any) -> Tensor:
+        """The loss of one batch, after every process agreed it is finite (one collective of 2 flags).
+
+        A forward that raises or gives NaN/Inf on one process must not leave the others waiting in
+        the backward's reduce-scatter: all of them learn it here and raise together.
+        """
+        failure: BaseException | None = None
+        try:
+            loss = self._wrapper(batch)
+            finite = bool(torch.isfinite(loss.detach()))
+        except Exception as err:  # noqa: BLE001 - re-raised after the agreement
+            failure, finite = err, True
+        failed, non_finite = self._reduce([1.0 if failure is not None else 0.0, 0.0 if finite else 1.0])
+        if failure is not None:
+            raise failure
+        if failed > 0:
+            raise NonFiniteHVPError("Another process failed in its forward pass of the analysis data.")
+        if non_finite > 0:
+            raise NonFiniteLossError("The loss is NaN or Inf on the analysis data (on some process).")
+        return loss
+
+
+class ShardedHessianOperator(_ShardedPasses):
     r"""Hessian of a ``fully_shard`` model's size-weighted mean loss, by finite differences of sharded gradients.
 
     Represents :math:`H = \nabla^2 L(\theta)`, :math:`L = \sum_b \frac{|b|}{N}\ell_b`, over the
@@ -254,104 +372,6 @@ class ShardedHessianOperator:
             out.append(vector[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
         return out
-
-    # ------------------------------------------------------------------ data and collectives
-
-    def _reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self._device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
-        return [float(x) for x in t.tolist()]
-
-    def _batches(self) -> list[tuple[Any, float]]:
-        if self._batches_cache is None:
-            out = []
-            for batch in self.data:
-                moved = _move(batch, self._device)
-                weight = float(self.batch_size_fn(moved))
-                if not math.isfinite(weight) or weight < 0:
-                    raise ValueError(f"Batch weight must be non-negative and finite, got {weight}.")
-                if weight > 0:
-                    out.append((moved, weight))
-            self._batches_cache = out
-        return self._batches_cache
-
-    def _plan(self) -> tuple[list[tuple[Any, float]], int, float]:
-        """Local batches, the common number of passes, the global total weight (collective)."""
-        batches = self._batches()
-        weight = sum(w for _, w in batches)
-        steps, empty = self._reduce([float(len(batches)), 0.0 if batches else 1.0], "max")
-        (total,) = self._reduce([weight])
-        if empty > 0 or total <= 0:
-            raise ValueError(
-                "ShardedHessianOperator: a process has no analysis batch; FSDP2's forward is collective, so every "
-                "process needs at least one micro-batch (use at least world_size analysis samples)."
-            )
-        return batches, int(steps), total
-
-    def _guarded(self) -> contextlib.ExitStack[bool | None]:
-        stack = contextlib.ExitStack()
-        stack.callback(reshard_all, self.model)  # training's next forward all-gathers the restored shards
-        stack.enter_context(preserved_model_state(self.model))
-        stack.enter_context(_analysis_mode(self.model, self.train_mode_batchnorm))
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.autocast(device_type=self._device.type, enabled=False))
-        return stack
-
-    # ------------------------------------------------------------------ gradients and products
-
-    def _gradient(self, plan: tuple[list[tuple[Any, float]], int, float]) -> tuple[Tensor, float]:
-        """This process's slice of :math:`\\nabla L` (float64) and the global mean loss (collective).
-
-        Every process runs the same number of forward/backward passes (FSDP2 collectives): one
-        with fewer batches repeats its first with weight 0. FSDP2's reduce-scatter averages over
-        the mesh, so each local loss is scaled by the world size.
-        """
-        batches, steps, total = plan
-        saved_grads = [p.grad for p in self._params]
-        for p in self._params:
-            p.grad = None
-        loss_sum = 0.0
-        try:
-            with torch.enable_grad():
-                for step in range(steps):
-                    batch, weight = batches[step] if step < len(batches) else (batches[0][0], 0.0)
-                    loss = self._agreed_forward(batch)
-                    loss_sum += weight * float(loss.detach())
-                    (loss * (weight * self.world_size / total)).backward()
-            grads = [
-                p.grad.to_local().reshape(-1).to(torch.float64)  # type: ignore[attr-defined]
-                if p.grad is not None
-                else torch.zeros(t.numel(), dtype=torch.float64, device=self._device)
-                for p, t in zip(self._params, self._locals, strict=True)
-            ]
-        finally:
-            for p, g in zip(self._params, saved_grads, strict=True):
-                p.grad = g
-        (loss_total,) = self._reduce([loss_sum])
-        return torch.cat(grads), loss_total / total
-
-    def _agreed_forward(self, batch: Any) -> Tensor:
-        """The loss of one batch, after every process agreed it is finite (one collective of 2 flags).
-
-        A forward that raises or gives NaN/Inf on one process must not leave the others waiting in
-        the backward's reduce-scatter: all of them learn it here and raise together.
-        """
-        failure: BaseException | None = None
-        try:
-            loss = self._wrapper(batch)
-            finite = bool(torch.isfinite(loss.detach()))
-        except Exception as err:  # noqa: BLE001 - re-raised after the agreement
-            failure, finite = err, True
-        failed, non_finite = self._reduce([1.0 if failure is not None else 0.0, 0.0 if finite else 1.0])
-        if failure is not None:
-            raise failure
-        if failed > 0:
-            raise NonFiniteHVPError("Another process failed in its forward pass of the analysis data.")
-        if non_finite > 0:
-            raise NonFiniteLossError("The loss is NaN or Inf on the analysis data (on some process).")
-        return loss
 
     def _grad_fn(self, plan: Any) -> Callable[[], tuple[list[Tensor], Tensor]]:
         """``() -> (local gradient shards, loss)`` at the shards' current values (collective)."""
