@@ -428,6 +428,7 @@ def test_largest_seed_runs_both_monitors():
 def test_ddp_shards_of_an_augmenting_dataset_give_the_single_process_estimate(tmp_path: Path):
     from lightning_hessian import HessianOperator, spectral_density
     from lightning_hessian.callbacks import default_classification_loss
+    from lightning_hessian.operators.sharded_space import parameter_space
     from tests.ddp_helpers import digits_module, fit, hessian_monitor
 
     monitor = hessian_monitor(dataset=GlobalRngAugmented(200), seed=11)
@@ -441,7 +442,9 @@ def test_ddp_shards_of_an_augmenting_dataset_give_the_single_process_estimate(tm
     assert single.indices == records[0]["indices"]["HessianMonitor"]
     model = digits_module()
     model.load_state_dict(records[0]["weights"][0])
-    op = HessianOperator(model, default_classification_loss, batches)
+    op = HessianOperator(
+        model, default_classification_loss, batches, vector_space=parameter_space(list(model.parameters()))
+    )
     sd = spectral_density(op, num_runs=monitor.num_runs, num_steps=monitor.num_steps, seed=11)
     reference = {"trace": sd.deflated_trace, "top_eigenvalue": float(sd.top_ritz_values(1)[0][0])}
     for key, value in reference.items():

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_hessian import HessianOperator, local_volume, spectral_density
 from lightning_hessian.callbacks import HessianMonitor, default_classification_loss
 from lightning_hessian.callbacks._analysis_set import AnalysisSet
+from lightning_hessian.operators.sharded_space import parameter_space
 from tests.ddp_helpers import (
     ANALYSIS_FRACTION,
     DROP_EPOCH,
@@ -180,8 +181,12 @@ def _module_at(record: dict[str, Any], epoch: int):
 
 
 def _reference_hessian_values(record: dict[str, Any], epoch: int, monitor: HessianMonitor) -> dict[str, float]:
+    model = _module_at(record, epoch)
     op = HessianOperator(
-        _module_at(record, epoch), default_classification_loss, _analysis_loader(record["indices"]["HessianMonitor"])
+        model,
+        default_classification_loss,
+        _analysis_loader(record["indices"]["HessianMonitor"]),
+        vector_space=parameter_space(list(model.parameters())),  # the monitors' per-parameter probes
     )
     sd = spectral_density(op, num_runs=monitor.num_runs, num_steps=monitor.num_steps, seed=monitor.seed)
     top, _ = sd.top_ritz_values(2)
@@ -240,7 +245,7 @@ def test_analysis_shards_partition_the_single_process_set(world_size):
     assert sorted(flat) == sorted(reference)  # union = the single-process set
 
 
-@pytest.mark.parametrize("strategy_name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "subclass"])
+@pytest.mark.parametrize("strategy_name", ["FSDPStrategy", "DeepSpeedStrategy", "subclass"])
 @pytest.mark.parametrize("factory", [hessian_monitor, volume_monitor], ids=["hessian", "volume"])
 def test_unsupported_strategies_raise_at_setup(strategy_name, factory):
     import lightning.pytorch.strategies as strategies
@@ -257,11 +262,13 @@ def test_unsupported_strategies_raise_at_setup(strategy_name, factory):
         world_size = 2
         global_rank = 0
 
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(RuntimeError, match=match) as info:
         factory().setup(FakeTrainer(), None, "fit")  # type: ignore[arg-type]
+    # the supported sharded path is named
+    assert "ModelParallelStrategy" in str(info.value) and "fully_shard" in str(info.value)
 
 
-@pytest.mark.parametrize("strategy_name", ["DDPStrategy", "SingleDeviceStrategy"])
+@pytest.mark.parametrize("strategy_name", ["DDPStrategy", "SingleDeviceStrategy", "ModelParallelStrategy"])
 def test_supported_strategies_pass_setup(strategy_name):
     import lightning.pytorch.strategies as strategies
 

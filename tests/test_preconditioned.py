@@ -26,6 +26,7 @@ from lightning_hessian import (
 from lightning_hessian.callbacks import HessianMonitor, default_classification_loss
 from lightning_hessian.estimators.block_trace import FirstProductRecorder, block_traces
 from lightning_hessian.operators.block import parameter_slices
+from lightning_hessian.operators.sharded_space import parameter_space
 from tests.curvature_truth import classification_batches, exact_loss_hessian, tanh_mlp
 from tests.lightning_helpers import (
     DigitsModule,
@@ -260,6 +261,7 @@ def _reference(record: dict[str, Any], monitor_kwargs: dict[str, Any], curvature
     else:
         op = HessianOperator(module, default_classification_loss, loader)
         blocks = {"net.0": ["net.0.weight", "net.0.bias"], "net.3": ["net.3.weight", "net.3.bias"]}
+    op.vector_space = parameter_space(list(module.parameters()))  # the monitors' per-parameter probes
     recorder = FirstProductRecorder(op)
     sd = spectral_density(recorder, num_runs=monitor_kwargs["num_runs"], num_steps=monitor_kwargs["num_steps"], seed=42)
     slices = parameter_slices(op)

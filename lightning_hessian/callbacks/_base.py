@@ -35,6 +35,7 @@ from lightning_hessian.callbacks._progress import (
     summarize_evaluation,
 )
 from lightning_hessian.callbacks._schedule import EvaluationSchedule
+from lightning_hessian.callbacks._sharding import SHARDED_PATH
 from lightning_hessian.errors import HessianComputationError
 from lightning_hessian.operators._batches import _default_batch_size
 
@@ -85,7 +86,6 @@ def valid_target_count(batch: Any) -> float:
 _UNSUPPORTED_STRATEGIES = (
     "FSDPStrategy",
     "DeepSpeedStrategy",
-    "ModelParallelStrategy",
     "XLAStrategy",
     "XLAFSDPStrategy",
 )
@@ -197,9 +197,10 @@ class CurvatureCallback(Callback):
             if base != name:
                 name = f"{name} (a {base})"
             raise RuntimeError(
-                f"{type(self).__name__} does not support the {name} strategy yet (parameters are "
-                "sharded or the model is not a plain module on each process). Use strategy='ddp' "
-                "(or 'ddp_spawn', any number of nodes) or a single device."
+                f"{type(self).__name__} does not support the {name} strategy (its parameters are "
+                "flattened or offloaded out of the module, not DTensors). Sharded training is supported "
+                f"through {SHARDED_PATH}; otherwise use strategy='ddp' (or 'ddp_spawn', any number of "
+                "nodes) or a single device."
             )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -20,6 +20,7 @@ from lightning_hessian.callbacks._analysis_set import (
 )
 from lightning_hessian.callbacks._base import CurvatureCallback
 from lightning_hessian.callbacks._logging import Histogram
+from lightning_hessian.callbacks._sharding import is_sharded, sharded_options_error
 from lightning_hessian.optim_state import param_groups, unwrap_optimizer
 from lightning_hessian.volume import (
     MissingOptimizerStateError,
@@ -29,6 +30,7 @@ from lightning_hessian.volume import (
     local_volume,
 )
 from lightning_hessian.volume.preconditioner import holds_adam_moment
+from lightning_hessian.volume.sharded import sharded_local_volume
 
 __all__ = ["LocalVolumeMonitor"]
 
@@ -532,14 +534,42 @@ class LocalVolumeMonitor(CurvatureCallback):
         """
         data = self._analysis_data(trainer)
         batch = self._first_micro_batch(data)
-        if batch is None:  # an empty shard under DDP: nothing to check on this process
+        sharded = is_sharded(pl_module)
+        if sharded:
+            self._check_sharded(trainer, batch)
+        elif batch is None:  # an empty shard under DDP: nothing to check on this process
             return
         kwargs = self._volume_kwargs()
         kwargs.update(num_directions=1, preconditioner=None, preconditioner_eps=None, max_evaluations=4)
         # The Gaussian measure: the Lebesgue one's flat-coordinate check is a property of the whole
         # analysis set (one micro-batch would flag spurious flat coordinates) and costs passes.
         kwargs.update(measure="gaussian", prior_std=kwargs.get("prior_std", 1.0))
-        local_volume(pl_module, [batch], **kwargs)
+        if sharded:
+            sharded_local_volume(pl_module, [batch], **kwargs)
+        else:
+            local_volume(pl_module, [batch], **kwargs)
+
+    def _check_sharded(self, trainer: pl.Trainer, batch: Any) -> None:
+        """FSDP2: the options the sharded estimator implements, and a micro-batch on every process."""
+        unsupported = {
+            name: value
+            for name, value, ok in (
+                ("preconditioner", self.preconditioner, self.preconditioner in (None, "adam")),
+                ("preconditioner_eps", self.preconditioner_eps, self.preconditioner_eps != "auto"),
+                ("cost", self.cost, self.cost != "loss"),
+                ("measure", self.measure, self.measure == "gaussian"),
+            )
+            if not ok
+        }
+        error = sharded_options_error(type(self).__name__, unsupported)
+        if error is not None:
+            raise error
+        if self._any_process_failed(trainer, batch is None):
+            raise ValueError(
+                f"{type(self).__name__}: a process has no analysis sample; under FSDP2 every process runs the "
+                "sharded forward, so the analysis set needs at least world_size samples (raise "
+                "`analysis_fraction` or `max_samples`)."
+            )
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], VolumeEstimate]:
         start = self._timer()
@@ -551,14 +581,19 @@ class LocalVolumeMonitor(CurvatureCallback):
                 warnings.filterwarnings("ignore", message=r"preconditioner=.*non-Adam optimizer")
                 warnings.filterwarnings("ignore", message=r"local_volume: .* exactly flat")
                 with self._progress(trainer, self.num_directions, "direction") as advance:
-                    est = local_volume(
-                        pl_module,
-                        data,
-                        optimizer=optimizers,
-                        all_reduce=self._all_reduce(trainer),
-                        progress=advance,
-                        **self._volume_kwargs(),
-                    )
+                    if is_sharded(pl_module):  # FSDP2: local shards, the sharded forward
+                        est = sharded_local_volume(
+                            pl_module, data, optimizer=optimizers, progress=advance, **self._volume_kwargs()
+                        )
+                    else:
+                        est = local_volume(
+                            pl_module,
+                            data,
+                            optimizer=optimizers,
+                            all_reduce=self._all_reduce(trainer),
+                            progress=advance,
+                            **self._volume_kwargs(),
+                        )
         except MissingOptimizerStateError as err:
             # Known at an evaluation only (Adam's state is lazy): a warning and NaN, not a crash.
             raise VolumeComputationError(str(err)) from None

@@ -80,6 +80,9 @@ def restricted_operator(op: _Op, param_names: Sequence[str] | str) -> _Op:
         offsets.append(offsets[-1] + numel)
     block._offsets = offsets  # type: ignore[attr-defined]
     block._num_hvps = 0  # type: ignore[attr-defined]
+    space = getattr(op, "vector_space", None)
+    if space is not None:  # per-parameter probes: the block's own parameters' streams
+        block.vector_space = space.restricted(keep) if hasattr(space, "restricted") else None  # type: ignore[attr-defined]
     # The parameters outside the block enter every product as detached constants (no autograd
     # graph through them, no gradient computed for them), on the same path as compute_dtype's
     # cast copies of buffers and frozen parameters.

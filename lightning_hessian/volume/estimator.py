@@ -24,6 +24,7 @@ from lightning_hessian.operators import (
     preserved_model_state,
 )
 from lightning_hessian.operators._batches import _default_batch_size, _move
+from lightning_hessian.operators.sharded import dtensor_parameters, fsdp2_error
 from lightning_hessian.volume.config import (
     CostFn,
     CostName,
@@ -339,6 +340,9 @@ def _trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("The model has no trainable parameters (requires_grad=True): nothing to perturb.")
+    sharded = dtensor_parameters(model)
+    if sharded:  # FSDP2: functional_call on local shards would perturb nothing meaningful
+        raise fsdp2_error("local_volume", sharded)
     return [name for name, _ in named], [p for _, p in named]
 
 
