@@ -74,7 +74,7 @@ GradFn = Callable[[], tuple[Sequence[Tensor | None], Tensor]]
 """``grad_fn() -> (gradients, loss)``: the gradients (one per parameter tensor, ``None`` for an
 unused one) and the scalar loss, at the parameters' current values."""
 
-FD_STEP_FACTOR = 2.0
+FD_STEP_FACTOR = 1.0
 """The constant :math:`c` of the default step :math:`c\\,\\epsilon^{1/3}\\max(1, \\mathrm{rms}(\\theta))`."""
 
 
