@@ -397,7 +397,7 @@ def test_richardson_option():
 
 @pytest.mark.slow
 def test_compiled_module():
-    """A ``torch.compile``d MLP: double backward is unsupported there, finite differences work."""
+    """A ``torch.compile``d MLP (torch.compile has no double backward): finite differences work."""
     model = _mlp(torch.float32)
     data = _batches(torch.float32)
     hess = _mlp_hessian()
@@ -447,7 +447,7 @@ def test_monitor_logs_the_estimate_and_leaves_training_untouched():
 def test_monitor_validation():
     from lightning_hessian.callbacks import HessianMonitor
 
-    with pytest.raises(ValueError, match="hvp_backend.*'finite_difference'"):
+    with pytest.raises(ValueError, match=r"hvp_backend.*'finite_difference'"):
         HessianMonitor(hvp_backend="finite-difference")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fd_step"):
         HessianMonitor(hvp_backend="finite_difference", fd_step=0.0)
