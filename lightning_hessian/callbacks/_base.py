@@ -34,6 +34,7 @@ from lightning_hessian.callbacks._progress import (
     progress_logger,
     summarize_evaluation,
 )
+from lightning_hessian.callbacks._resume import RESUME_MODES, InterruptibleEvaluations, MissedEvaluations
 from lightning_hessian.callbacks._schedule import EvaluationSchedule
 from lightning_hessian.errors import HessianComputationError
 from lightning_hessian.operators._batches import _default_batch_size
@@ -122,8 +123,15 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> Any:
     return value
 
 
-class CurvatureCallback(Callback):
-    """Scheduling, analysis set, isolation, DDP plumbing and logging shared by the monitors."""
+class CurvatureCallback(InterruptibleEvaluations, Callback):
+    """Scheduling, analysis set, isolation, DDP plumbing and logging shared by the monitors.
+
+    Signals and resumes (:mod:`lightning_hessian.callbacks._interrupt`,
+    :mod:`lightning_hessian.callbacks._resume`): a SIGTERM or SIGINT during an evaluation stops it
+    before the next product on every process, restores the training state, records the missed
+    evaluation in the checkpointed state and hands the signal back to Lightning; after a resume the
+    interrupted evaluation is re-run (``resume_missed="rerun"``) or warned about.
+    """
 
     _metric_prefix = "hessian/"
 
@@ -146,8 +154,13 @@ class CurvatureCallback(Callback):
         progress_bar: bool = False,
         every_n_train_steps: int | None = None,
         max_overhead: float | None = None,
+        resume_missed: str = "rerun",
     ) -> None:
         super().__init__()
+        if resume_missed not in RESUME_MODES:
+            raise ValueError(f"`resume_missed` must be 'rerun' or 'warn', got {resume_missed!r}.")
+        self.resume_missed = resume_missed
+        self.missed = MissedEvaluations()
         self.schedule = EvaluationSchedule(every_n_epochs, every_n_train_steps, max_overhead, clock=self._timer)
         self.analysis_fraction = _check_fraction(analysis_fraction)
         self.max_samples = _check_positive_int("max_samples", max_samples, allow_none=True)
@@ -253,10 +266,11 @@ class CurvatureCallback(Callback):
             run = bool(trainer.strategy.broadcast(run, src=0))  # rank 0's clock decides for all
         if not run:
             self.schedule.skip()
+            self.missed.add(trainer.current_epoch, trainer.global_step, "budget")
             return
         self.schedule.begin()
         try:
-            self._evaluate(trainer, pl_module)
+            self._watched_evaluate(trainer, pl_module)
         finally:
             self.schedule.finish()
 
@@ -267,14 +281,18 @@ class CurvatureCallback(Callback):
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
         """Add ``overhead``, append the history row (``epoch``, ``step``, values) and log the scalars."""
         values["overhead"] = self.schedule.overhead()
-        self.history.append({"epoch": float(trainer.current_epoch), "step": float(trainer.global_step), **values})
+        epoch, step = self._now(trainer)
+        self.history.append({"epoch": float(epoch), "step": float(step), **values})
         self._log_scalars(trainer, pl_module, values)
 
     def _schedule_state(self) -> dict[str, Any]:
-        return self.schedule.state_dict()
+        """The budget's counters and the due evaluations without a valid row (``"missed"``)."""
+        return {**self.schedule.state_dict(), "missed": self.missed.state_dict()}
 
     def _load_schedule_state(self, state_dict: dict[str, Any]) -> None:
-        self.schedule.load_state_dict(state_dict.get("schedule", {}))
+        schedule = state_dict.get("schedule", {})
+        self.schedule.load_state_dict(schedule)
+        self.missed.load_state_dict(schedule.get("missed"))
 
     # ------------------------------------------------------------------ helpers for subclasses
 
@@ -346,9 +364,10 @@ class CurvatureCallback(Callback):
         if self._epoch_start is not None:
             end = self._last_batch_end if self._last_batch_end is not None else self._timer() - seconds
             reference = end - self._epoch_start
+        epoch, step = self._now(trainer)
         message = summarize_evaluation(
             type(self).__name__,
-            f"step {trainer.global_step}" if self.schedule.by_steps else f"epoch {trainer.current_epoch}",
+            f"step {step}" if self.schedule.by_steps else f"epoch {epoch}",
             work,
             seconds,
             reference,
@@ -387,6 +406,11 @@ class CurvatureCallback(Callback):
 
     def _log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
         self._report(trainer, values)
+        if self._rerun_of is not None:  # re-run after a resume: to the loggers, at the missed step
+            metrics = {f"{self.prefix}{name}": float(value) for name, value in values.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=int(self._rerun_of["step"]))
+            return
         by_steps = self.schedule.by_steps
         # Step schedule: Lightning writes step metrics to loggers only every `log_every_n_steps`,
         # so the values go to the loggers directly, at this global step, and through
@@ -420,6 +444,7 @@ class CurvatureCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run_dry_run(trainer, pl_module)
+        self._fill_gaps(trainer, pl_module)  # after a resume: the interrupted evaluation, or a warning
         self.schedule.start()  # the budget's training clock starts after the dry run
 
     def _dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -505,6 +530,7 @@ class CurvatureCallback(Callback):
             if failure is not None:
                 raise failure
             raise RuntimeError(f"{type(self).__name__}: {what} failed on another process (on_error='raise').")
+        self.missed.add(*self._now(trainer), "error")
         where = f"{type(self).__name__}: {what} failed at epoch {trainer.current_epoch}"
         if failure is not None:
             message = f"{where} ({type(failure).__name__}: {failure}); logging NaN and continuing training."

@@ -188,6 +188,13 @@ class HessianMonitor(CurvatureCallback):
             its collated micro-batches are kept for the whole run (on a CUDA device when they take
             at most 10% of its free memory): random augmentation is frozen at that seeded draw, and
             a resumed run reads the same tensors. A larger set raises ``ValueError`` at fit start.
+        resume_missed: What a resumed run does with an evaluation that a SIGTERM/SIGINT stopped
+            (the signal stops it before the next HVP on every process, restores the training state,
+            logs no row and hands the signal back to Lightning): ``"rerun"`` (default) re-runs it
+            before the first training step when the restored weights are those it was meant to
+            analyse (a checkpoint written at the interruption, e.g. by ``OnExceptionCheckpoint``),
+            with its epoch/step; ``"warn"`` only warns, naming it. Evaluations skipped by
+            ``max_overhead`` or failed are named in a warning after a resume.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -235,6 +242,7 @@ class HessianMonitor(CurvatureCallback):
         on_error: Literal["warn", "raise"] = "warn",
         progress_bar: bool = False,
         max_analysis_bytes: int = DEFAULT_MAX_ANALYSIS_BYTES,
+        resume_missed: Literal["rerun", "warn"] = "rerun",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -253,6 +261,7 @@ class HessianMonitor(CurvatureCallback):
             progress_bar=progress_bar,
             every_n_train_steps=every_n_train_steps,
             max_overhead=max_overhead,
+            resume_missed=resume_missed,
         )
         for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("top_k", top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -383,10 +392,10 @@ class HessianMonitor(CurvatureCallback):
         if not self._reduction_checked:  # once: a summed loss scales the Hessian by the batch size
             self._reduction_checked = True
             check_operator_loss_reduction(op)
-        probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)
+        probe_seed = self.seed + (self._now(trainer)[0] if self.resample_probes else 0)
         with self._progress(trainer, self.num_runs * self.num_steps, "HVP") as advance:
             sd = spectral_density(
-                self._counting(self.views.wrap(op), advance),
+                self._counting(self.views.wrap(self._interruptible(op)), advance),
                 num_runs=self.num_runs,
                 num_steps=self.num_steps,
                 seed=probe_seed,
@@ -428,7 +437,7 @@ class HessianMonitor(CurvatureCallback):
         return values
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
+        epoch = self._now(trainer)[0]
         values, sd = self._guarded_compute(trainer, pl_module, "curvature computation")
         self.last_density = sd
         # the detector's clock: epochs, or evaluation indices under a step schedule
@@ -468,7 +477,8 @@ class HessianMonitor(CurvatureCallback):
         middle = self.detector.drop_middle_epoch
         if self.schedule.by_steps:
             # the running evaluation is not in the history yet: its step is the current one
-            step = float(trainer.global_step) if middle == len(self.history) else self._step_of(middle)
+            now_step = float(self._now(trainer)[1])
+            step = now_step if middle == len(self.history) else self._step_of(middle)
             values["trace_sharp_drop_step"] = step
         else:
             values["trace_sharp_drop_epoch"] = float(middle) if middle is not None else math.nan

@@ -199,6 +199,9 @@ class LocalVolumeMonitor(CurvatureCallback):
             its collated micro-batches are kept for the whole run (on a CUDA device when they take
             at most 10% of its free memory): random augmentation is frozen at that seeded draw, and
             a resumed run reads the same tensors. A larger set raises ``ValueError`` at fit start.
+        resume_missed: ``"rerun"`` (default) or ``"warn"``: what a resumed run does with an
+            evaluation that a SIGTERM/SIGINT stopped (checked after each group of directions), as
+            in :class:`~lightning_hessian.callbacks.HessianMonitor`.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -241,6 +244,7 @@ class LocalVolumeMonitor(CurvatureCallback):
         on_error: Literal["warn", "raise"] = "warn",
         progress_bar: bool = False,
         max_analysis_bytes: int = DEFAULT_MAX_ANALYSIS_BYTES,
+        resume_missed: Literal["rerun", "warn"] = "rerun",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -259,6 +263,7 @@ class LocalVolumeMonitor(CurvatureCallback):
             progress_bar=progress_bar,
             every_n_train_steps=every_n_train_steps,
             max_overhead=max_overhead,
+            resume_missed=resume_missed,
         )
         if not (callable(cost) or (isinstance(cost, str) and cost in ("kl", "gaussian", "loss"))):
             raise ValueError(f"`cost` must be 'kl', 'gaussian', 'loss' or a callable, got {cost!r}.")
@@ -556,7 +561,7 @@ class LocalVolumeMonitor(CurvatureCallback):
                         data,
                         optimizer=optimizers,
                         all_reduce=self._all_reduce(trainer),
-                        progress=advance,
+                        progress=self._interruptible_progress(advance),
                         **self._volume_kwargs(),
                     )
         except MissingOptimizerStateError as err:
@@ -573,7 +578,7 @@ class LocalVolumeMonitor(CurvatureCallback):
         return values
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
+        epoch = self._now(trainer)[0]
         values, est = self._guarded_compute(trainer, pl_module, "local-volume computation")
         self.last_estimate = est
         self._record(trainer, pl_module, values)
