@@ -39,12 +39,20 @@ from tests.lightning_helpers import DigitsModule, digits_dataset, trainer_kwargs
 
 PRODUCT_SLEEP_S = 0.05
 MICRO_BATCHES = 2
-NUM_STEPS = 60  # ~60 x 0.1 s = 6 s uninterrupted
+NUM_STEPS = 40  # ~40 x 0.1 s = 4 s uninterrupted
+VOLUME_SLEEP_S = 0.002
 SIGNAL_DELAY_S = 1.0  # after the evaluation starts
 
 
 def slow_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     time.sleep(PRODUCT_SLEEP_S)
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def slightly_slow_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """The volume's cost: many forward passes per group of directions, each a little slow."""
+    time.sleep(VOLUME_SLEEP_S)
     x, y = batch
     return F.cross_entropy(model(x), y)
 
@@ -97,7 +105,7 @@ def monitor(kind: str, **kwargs: Any) -> Callback:
             every_n_epochs=2,
             analysis_fraction=0.5,
             analysis_batch_size=50,
-            batch_loss=slow_loss,
+            batch_loss=slightly_slow_loss,
             **kwargs,
         )
     options: dict[str, Any] = dict(

@@ -112,18 +112,17 @@ class InterruptibleEvaluations:
         """``op`` checked for signals before every product (unchanged outside a watched evaluation)."""
         return op if self._watch is None else InterruptibleOperator(op, self._watch)
 
-    def _interruptible_progress(self, advance: Callable[[float], None]) -> Callable[[float], None]:
-        """A progress callback that also checks for signals (after each group of volume directions)."""
+    def _interrupt_check(self) -> Callable[[], None] | None:
+        """A check to call before each product of a core routine (``None`` outside a watched evaluation)."""
         watch = self._watch
         if watch is None:
-            return advance
+            return None
 
-        def advance_and_check(count: float) -> None:
-            advance(count)
-            watch.products += 1
+        def check() -> None:
             watch.check()
+            watch.products += 1
 
-        return advance_and_check
+        return check
 
     def _watched_evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """:meth:`_evaluate` with SIGTERM/SIGINT deferred, checked between products and handed back."""

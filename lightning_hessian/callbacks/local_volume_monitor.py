@@ -561,7 +561,8 @@ class LocalVolumeMonitor(CurvatureCallback):
                         data,
                         optimizer=optimizers,
                         all_reduce=self._all_reduce(trainer),
-                        progress=self._interruptible_progress(advance),
+                        progress=advance,
+                        before_evaluation=self._interrupt_check(),
                         **self._volume_kwargs(),
                     )
         except MissingOptimizerStateError as err:
