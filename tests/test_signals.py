@@ -61,6 +61,7 @@ def sigterm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, li
 
 def test_sigterm_stops_the_evaluation_within_one_product(sigterm_run: Any) -> None:
     out, rc, (record,) = sigterm_run
+    assert rc == 0  # SIGTERMException is a SystemExit without a code
     _assert_stopped(record, "SIGTERMException", "SIGTERM")
     assert record["exception_time"] - record["signal_time"] <= STOP_BOUND_S
     assert (out / "ckpt" / "interrupted.ckpt").is_file()  # Lightning's on_exception path ran

@@ -26,6 +26,7 @@ from lightning_hessian.callbacks._analysis_set import (
     AnalysisSet,
     _plain_dataloader,
 )
+from lightning_hessian.callbacks._honesty import check_analysis_size
 from lightning_hessian.callbacks._isolation import isolated_training_state
 from lightning_hessian.callbacks._logging import ArtifactPublisher
 from lightning_hessian.callbacks._progress import (
@@ -304,6 +305,9 @@ class CurvatureCallback(InterruptibleEvaluations, Callback):
         """
         seconds_before = self.analysis.read_seconds if self.analysis.materialized else None
         batches = self._materialize(trainer)
+        if seconds_before is None and self.dataloader is None:  # an explicit loader is the user's exact choice
+            total = len(self.analysis.indices) if self.analysis.indices is not None else self.analysis.num_samples
+            check_analysis_size(type(self).__name__, total, self.analysis_fraction, self.max_samples)
         if trainer.is_global_zero and seconds_before is None:
             where = "GPU" if batches and _on_cuda(batches[0]) else "host memory"
             progress_logger().info(

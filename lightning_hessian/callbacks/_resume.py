@@ -182,14 +182,11 @@ class InterruptibleEvaluations:
         interrupted = [r for r in fresh if r["reason"] in INTERRUPTIONS]
         why = ""
         if interrupted:
-            why = (
-                " Interrupted evaluations are not re-run: "
-                + (
-                    "resume_missed='warn'."
-                    if self.resume_missed == "warn"
-                    else "the restored weights are not those they were meant to analyse (the checkpoint was "
-                    "not written at the interruption)."
-                )
+            why = " Interrupted evaluations are not re-run: " + (
+                "resume_missed='warn'."
+                if self.resume_missed == "warn"
+                else "the restored weights are not those they were meant to analyse (the checkpoint was "
+                "not written at the interruption)."
             )
         rank_zero_warn(
             f"{type(self).__name__}: resumed with {len(fresh)} due evaluation(s) that have no valid history "

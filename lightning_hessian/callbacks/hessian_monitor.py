@@ -8,13 +8,19 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_hessian.callbacks._analysis_set import DEFAULT_MAX_ANALYSIS_BYTES
 from lightning_hessian.callbacks._base import CurvatureCallback, default_classification_loss
 from lightning_hessian.callbacks._curvature_views import CurvatureViews
+from lightning_hessian.callbacks._honesty import (
+    TOP_EIGENVALUE_RTOL,
+    cap_num_steps,
+    check_lanczos_budget,
+    top_eigenvalue_converged,
+)
 from lightning_hessian.callbacks._logging import density_figure, density_histogram
 from lightning_hessian.estimators.density import SpectralDensity, spectral_density
 from lightning_hessian.operators import GGNOperator, HessianOperator
@@ -29,6 +35,7 @@ _SCALARS = (
     "trace_ci_low",
     "trace_ci_high",
     "top_eigenvalue",
+    "top_eigenvalue_converged",
     "min_eigenvalue",
     "negative_mass",
     "negative_mass_threshold",
@@ -272,8 +279,11 @@ class HessianMonitor(CurvatureCallback):
             raise ValueError(f"`sharp_drop_patience` must be a non-negative integer, got {sharp_drop_patience!r}.")
         if stop_on_sharp_drop and not detect_sharp_drop:
             raise ValueError("`stop_on_sharp_drop=True` needs `detect_sharp_drop=True`.")
+        check_lanczos_budget(type(self).__name__, num_runs, num_steps, top_k)
         self.num_runs = num_runs
         self.num_steps = num_steps
+        self._steps = num_steps  # capped at the number of parameters by the dry run
+        self._warned_unconverged = False
         self.top_k = top_k
         self.resample_probes = bool(resample_probes)
         self.train_mode_batchnorm = bool(train_mode_batchnorm)
@@ -371,6 +381,9 @@ class HessianMonitor(CurvatureCallback):
     def _dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The optimizers (edge-of-stability options), the analysis set, the loss and one product on one micro-batch."""
         self.views.check_optimizers(pl_module, trainer.optimizers)
+        num_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        self._steps = cap_num_steps(type(self).__name__, self.num_steps, num_params)
+        self._warned_unconverged = False  # once per fit
         data = self._analysis_data(trainer)
         batch = self._first_micro_batch(data)
         if batch is None:  # an empty shard under DDP: nothing to check on this process
@@ -393,11 +406,11 @@ class HessianMonitor(CurvatureCallback):
             self._reduction_checked = True
             check_operator_loss_reduction(op)
         probe_seed = self.seed + (self._now(trainer)[0] if self.resample_probes else 0)
-        with self._progress(trainer, self.num_runs * self.num_steps, "HVP") as advance:
+        with self._progress(trainer, self.num_runs * self._steps, "HVP") as advance:
             sd = spectral_density(
                 self._counting(self.views.wrap(self._interruptible(op)), advance),
                 num_runs=self.num_runs,
-                num_steps=self.num_steps,
+                num_steps=self._steps,
                 seed=probe_seed,
                 basis_dtype=getattr(torch, self.lanczos_basis_dtype),
                 basis_device="cpu" if self.lanczos_basis_on_cpu else None,
@@ -415,6 +428,7 @@ class HessianMonitor(CurvatureCallback):
             "trace_ci_high": ci_high if math.isfinite(ci_high) else math.nan,
             "top_eigenvalue": float(top_values[0]),
             "top_eigenvalue_residual": float(top_residuals[0]),
+            "top_eigenvalue_converged": top_eigenvalue_converged(float(top_values[0]), float(top_residuals[0])),
             "min_eigenvalue": float(bottom_values[0]),
             "negative_mass": sd.negative_mass,
             "negative_mass_threshold": sd.negative_mass_threshold,
@@ -445,10 +459,23 @@ class HessianMonitor(CurvatureCallback):
         if self.detect_sharp_drop:
             self._update_sharp_drop(trainer, when, values)
         self._record(trainer, pl_module, values)
+        self._warn_unconverged(epoch, values)
         if sd is not None and self.log_density:
             self._log_density(trainer, sd, epoch)
         if self.stop_on_sharp_drop:
             self._maybe_stop(trainer, when)
+
+    def _warn_unconverged(self, epoch: int, values: dict[str, float]) -> None:
+        """Once per fit: the top eigenvalue's residual is above the stated tolerance."""
+        if self._warned_unconverged or values.get("top_eigenvalue_converged") != 0.0:
+            return
+        self._warned_unconverged = True
+        rank_zero_warn(
+            f"HessianMonitor: at epoch {epoch} the top eigenvalue has not converged: Ritz residual "
+            f"{values['top_eigenvalue_residual']:.3g} > {TOP_EIGENVALUE_RTOL:g} x |{values['top_eigenvalue']:.4g}| "
+            "(hessian/top_eigenvalue_converged = 0): top_eigenvalue is a lower bound that may be far from the "
+            f"largest eigenvalue. Raise `num_steps` (now {self._steps}). (Warned once per fit.)"
+        )
 
     def _label(self, when: int | None) -> str:
         """An evaluation's position for messages: its epoch, or its global step under a step schedule."""
