@@ -103,6 +103,9 @@ class AnalysisSet:
         self._batches: list[Any] | None = None
         self._source: tuple[Any, int, int] | None = None
         self._warned_isolation = False
+        # [rank, world size, float64 sum of the set's floats]: a changed dataset is noticed on resume
+        self.fingerprint: list[float] | None = None
+        self._saved_fingerprint: list[float] | None = None
 
     # ------------------------------------------------------------------ indices
 
@@ -181,6 +184,7 @@ class AnalysisSet:
             batches = self._read_stream(dataset, template, rank, world_size)
         else:
             batches = self._read_indexed(dataset, template, rank, world_size)
+        self.fingerprint = [rank, world_size, _content_sum(batches)]
         self._batches = self._place(batches, device)
         self._source = (source, rank, world_size)
         self.read_seconds = time.perf_counter() - start
@@ -296,14 +300,82 @@ class AnalysisSet:
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        return {"indices": self.indices, "dataset_length": self.dataset_length, "seed": self.seed}
+        return {
+            "indices": self.indices,
+            "dataset_length": self.dataset_length,
+            "seed": self.seed,
+            "fraction": self.fraction,
+            "max_samples": self.max_samples,
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the indices; changed analysis arguments redraw the set, with a warning.
+
+        A checkpoint written with another ``analysis_fraction``, ``max_samples`` or ``seed``
+        keeps its history, but its indices do not describe the set these arguments ask for: the
+        set is redrawn with the new arguments and a warning says that values before and after
+        the resume come from different sets. The content fingerprint (:meth:`check_content`)
+        catches a changed ``dataset`` of the same length.
+        """
+        changed = [
+            f"`{name}` {old!r} -> {new!r}"
+            for name, key, new in (
+                ("analysis_fraction", "fraction", self.fraction),
+                ("max_samples", "max_samples", self.max_samples),
+                ("seed", "seed", self.seed),
+            )
+            if (old := state.get(key, new)) != new
+        ]
         indices = state.get("indices")
+        if changed and indices is not None:
+            rank_zero_warn(
+                f"The analysis arguments changed since the checkpoint ({', '.join(changed)}): the analysis set of "
+                f"{len(indices)} samples is redrawn with the new arguments; curvature values before and after this "
+                "resume describe different sets."
+            )
+            self.clear()
+            self.indices, self.dataset_length, self._saved_fingerprint = None, None, None
+            return
         if indices != self.indices:
             self.clear()
         self.indices = indices
         self.dataset_length = state.get("dataset_length")
+        self._saved_fingerprint = state.get("fingerprint")
+
+    def check_content(self) -> None:
+        """After a resumed read: warn when the content differs from the checkpoint's (another ``dataset``)."""
+        saved, self._saved_fingerprint = self._saved_fingerprint, None
+        if saved is None or self.fingerprint is None or list(saved[:2]) != list(self.fingerprint[:2]):
+            return  # nothing saved, or saved by another process / world size: not comparable
+        if list(saved) == list(self.fingerprint):
+            return
+        rank_zero_warn(
+            "The analysis set read after this resume holds other data than the checkpoint's (same indices, "
+            "different content fingerprint: was `dataset` or the training data changed?). The new data is "
+            "analysed; curvature values before and after this resume describe different sets."
+        )
+
+
+def _content_sum(batches: list[Any]) -> float:
+    """Float64 sum of every number in the batches (tensors found in tuples, lists and dicts)."""
+    total = 0.0
+
+    def visit(obj: Any) -> None:
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if not obj.is_complex():
+                total += float(obj.detach().to(torch.float64).sum())
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                visit(value)
+
+    for batch in batches:
+        visit(batch)
+    return total
 
 
 def _collation(template: DataLoader | None) -> tuple[Callable[[Any], Any], bool]:

@@ -35,7 +35,12 @@ from lightning_hessian.callbacks._progress import (
     progress_logger,
     summarize_evaluation,
 )
-from lightning_hessian.callbacks._resume import RESUME_MODES, InterruptibleEvaluations, MissedEvaluations
+from lightning_hessian.callbacks._resume import (
+    RESUME_MODES,
+    InterruptibleEvaluations,
+    MissedEvaluations,
+    state_saved_with_other_analysis,
+)
 from lightning_hessian.callbacks._schedule import EvaluationSchedule
 from lightning_hessian.errors import HessianComputationError
 from lightning_hessian.operators._batches import _default_batch_size
@@ -219,6 +224,28 @@ class CurvatureCallback(InterruptibleEvaluations, Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start, self._last_batch_end = self._timer(), None
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint of this monitor saved with another ``analysis_fraction``/``seed`` (another state key).
+
+        Lightning would not restore it (the key differs): its history, schedule and missed
+        evaluations are loaded instead, with a warning, and the analysis set is redrawn with the
+        new arguments (:meth:`AnalysisSet.load_state_dict`).
+        """
+        found = state_saved_with_other_analysis(
+            type(self).__qualname__, self.state_key, checkpoint.get("callbacks") or {}
+        )
+        if found is None:
+            return
+        key, state = found
+        rank_zero_warn(
+            f"{type(self).__name__}: the checkpoint holds this monitor's state under {key}, saved with other "
+            f"analysis arguments than {self.state_key}; restoring its history and schedule and redrawing the "
+            "analysis set with the new arguments."
+        )
+        self.load_state_dict(state)
+
     # ------------------------------------------------------------------ scheduling
 
     @property
@@ -305,6 +332,8 @@ class CurvatureCallback(InterruptibleEvaluations, Callback):
         """
         seconds_before = self.analysis.read_seconds if self.analysis.materialized else None
         batches = self._materialize(trainer)
+        if seconds_before is None:
+            self.analysis.check_content()
         if seconds_before is None and self.dataloader is None:  # an explicit loader is the user's exact choice
             total = len(self.analysis.indices) if self.analysis.indices is not None else self.analysis.num_samples
             check_analysis_size(type(self).__name__, total, self.analysis_fraction, self.max_samples)

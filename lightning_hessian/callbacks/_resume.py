@@ -18,6 +18,7 @@ step and why:
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
 from typing import Any
 
@@ -193,3 +194,37 @@ class InterruptibleEvaluations:
             f"row: {describe(fresh, self.schedule.by_steps)} (budget: skipped by max_overhead; error: a NaN "
             f"row).{why}"
         )
+
+
+_ANALYSIS_KEY_FIELDS = frozenset({"analysis_fraction", "seed"})
+
+
+def state_saved_with_other_analysis(
+    qualname: str, state_key: str, states: dict[Any, Any]
+) -> tuple[str, dict[str, Any]] | None:
+    """The checkpointed state of this callback saved under another ``analysis_fraction``/``seed``.
+
+    ``state_key`` is ``f"{qualname}{kwargs!r}"`` (Lightning's ``_generate_state_key``); a stored key
+    whose kwargs differ from this one's in the analysis fields only is the same monitor resumed
+    with changed analysis arguments. ``None`` when this key is present or no single such key is.
+    """
+    if state_key in states:
+        return None
+    try:
+        mine = ast.literal_eval(state_key[len(qualname) :])
+    except (ValueError, SyntaxError):
+        return None
+    found = []
+    for key, state in states.items():
+        if not isinstance(key, str) or not key.startswith(qualname + "{"):
+            continue
+        try:
+            theirs = ast.literal_eval(key[len(qualname) :])
+        except (ValueError, SyntaxError):
+            continue
+        if not isinstance(theirs, dict) or theirs.keys() != mine.keys():
+            continue
+        differing = {k for k in mine if mine[k] != theirs[k]}
+        if differing and differing <= _ANALYSIS_KEY_FIELDS:
+            found.append((key, state))
+    return found[0] if len(found) == 1 else None
