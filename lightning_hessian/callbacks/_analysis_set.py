@@ -23,6 +23,8 @@ from lightning_hessian.operators._batches import _move, _nbytes
 __all__ = ["DEFAULT_MAX_ANALYSIS_BYTES", "AnalysisSet"]
 
 DEFAULT_MAX_ANALYSIS_BYTES = 1 << 30
+# The memory guard projects the set's size from its first samples (and refuses before reading on).
+_ESTIMATE_SAMPLES = 8
 # The kept batches move to the accelerator when they take at most this fraction of its free memory.
 _DEVICE_MEMORY_FRACTION = 0.1
 
@@ -138,6 +140,11 @@ class AnalysisSet:
         """Whether the batches have been read and are kept."""
         return self._batches is not None
 
+    @property
+    def first_batch(self) -> Any | None:
+        """This process's first kept micro-batch (``None`` before the read or for an empty shard)."""
+        return self._batches[0] if self._batches else None
+
     def clear(self) -> None:
         """Drop the kept batches (the next :meth:`materialize` reads again, identically)."""
         self._batches = None
@@ -210,6 +217,19 @@ class AnalysisSet:
             return dataset, generators
         return clone, find_held_generators(clone)[0]
 
+    def _projected_budget(self, sampled_bytes: int, sampled: int, total: int, unit: str = "samples") -> None:
+        """Refuse early: the first ``sampled`` items took ``sampled_bytes``; ``total`` would take ~that pro rata."""
+        if sampled_bytes <= 0 or sampled <= 0:
+            return  # no tensors to measure (e.g. PIL images before collation): the exact check decides
+        projected = sampled_bytes / sampled * total
+        if projected > self.max_bytes:
+            raise ValueError(
+                f"The analysis set would exceed its memory budget: its first {sampled} {unit} take "
+                f"{sampled_bytes:,} bytes, so its {total} {unit} would take ~{projected:,.0f} bytes > "
+                f"`max_analysis_bytes`={self.max_bytes:,} (per process); refused before reading the rest. "
+                "Lower `analysis_fraction` or `max_samples`, or raise `max_analysis_bytes`."
+            )
+
     def _budget(self, nbytes: int, count: int) -> None:
         if nbytes > self.max_bytes:
             raise ValueError(
@@ -224,7 +244,7 @@ class AnalysisSet:
         source, generators = self._isolated_source(dataset)
         batches: list[Any] = []
         pending: list[Any] = []
-        total = 0
+        total = sampled_bytes = 0
         with forked_global_rngs() as reseed, preserved_generators(generators):
             for position, index in enumerate(shard):
                 seed = derived_seed(self.seed, index)
@@ -232,6 +252,10 @@ class AnalysisSet:
                 for generator in generators:
                     generator.reseed(seed)
                 pending.append(source[index])
+                if position < _ESTIMATE_SAMPLES:
+                    sampled_bytes += _nbytes(pending[-1])
+                    if position + 1 == min(_ESTIMATE_SAMPLES, len(shard)):
+                        self._projected_budget(sampled_bytes, position + 1, len(shard))
                 if not auto or len(pending) == self.batch_size or position == len(shard) - 1:
                     batch = collate(pending) if auto else collate(pending[0])
                     pending = []
@@ -258,6 +282,8 @@ class AnalysisSet:
                 for sample in iterator:
                     samples.append(sample)
                     total += _nbytes(sample)
+                    if len(samples) == min(_ESTIMATE_SAMPLES, self.max_samples):
+                        self._projected_budget(total, len(samples), self.max_samples)
                     self._budget(total, len(samples))
                     if len(samples) >= self.max_samples:
                         break
@@ -280,10 +306,14 @@ class AnalysisSet:
         total = 0
         with forked_global_rngs() as reseed, preserved_generators(generators):
             reseed(self.seed)
+            expected = _loader_length(loader)
             for i, batch in enumerate(loader):
                 if i % world_size == rank:
                     batches.append(batch)
                     total += _nbytes(batch)
+                    if len(batches) == 1 and expected is not None:
+                        share = len(range(rank, expected, world_size))
+                        self._projected_budget(total, 1, share, unit="batches")
                     self._budget(total, len(batches))
         self.nbytes, self.num_samples = total, len(batches)
         return batches
@@ -355,6 +385,13 @@ class AnalysisSet:
             "different content fingerprint: was `dataset` or the training data changed?). The new data is "
             "analysed; curvature values before and after this resume describe different sets."
         )
+
+
+def _loader_length(loader: DataLoader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable-style dataset without a length
+        return None
 
 
 def _content_sum(batches: list[Any]) -> float:

@@ -26,6 +26,7 @@ from lightning_hessian.callbacks._analysis_set import (
     AnalysisSet,
     _plain_dataloader,
 )
+from lightning_hessian.callbacks._blame import data_fault, describe_batch
 from lightning_hessian.callbacks._honesty import check_analysis_size
 from lightning_hessian.callbacks._isolation import isolated_training_state
 from lightning_hessian.callbacks._logging import ArtifactPublisher
@@ -499,9 +500,11 @@ class CurvatureCallback(InterruptibleEvaluations, Callback):
             try:
                 self._dry_run(trainer, pl_module)
             except HessianComputationError as err:
+                fault = data_fault(err, self.analysis.first_batch)
+                blame = f" {fault[0].upper()}{fault[1:]}: {describe_batch(self.analysis.first_batch)}." if fault else ""
                 rank_zero_warn(
                     f"{type(self).__name__}: the dry run before training hit a numerical failure "
-                    f"({type(err).__name__}: {err}); evaluations will log NaN while it persists."
+                    f"({type(err).__name__}: {err}); evaluations will log NaN while it persists.{blame}"
                 )
             except Exception as err:  # noqa: BLE001 - re-raised below, after the agreement
                 failure = err
@@ -511,17 +514,28 @@ class CurvatureCallback(InterruptibleEvaluations, Callback):
                 "raised there); fix the configuration named in that message."
             )
         if failure is not None:
-            note = (
-                f"Raised by {type(self).__name__}'s dry run before the first training step (one "
-                "analysis micro-batch): the callback is misconfigured for this model/data; the "
-                "message above names the argument to change."
-            )
+            note = self._dry_run_note(failure)
             if hasattr(failure, "add_note"):  # Python >= 3.11
                 failure.add_note(note)
             else:  # Python 3.10 has no add_note: keep the note where 3.11+ does, and show it
                 vars(failure).setdefault("__notes__", []).append(note)
                 rank_zero_warn(note)
             raise failure
+
+    def _dry_run_note(self, failure: BaseException) -> str:
+        """The data's fault (with the batch's shapes/dtypes), or the configuration's (naming the argument)."""
+        where = f"Raised by {type(self).__name__}'s dry run before the first training step (one analysis micro-batch)"
+        batch = self.analysis.first_batch
+        fault = data_fault(failure, batch)
+        if fault is not None:
+            return (
+                f"{where}: the data is at fault, not the callback's arguments: {fault}. First analysis "
+                f"micro-batch: {describe_batch(batch)}."
+            )
+        return (
+            f"{where}: the callback is misconfigured for this model/data; the message above names the "
+            "argument to change."
+        )
 
     # ------------------------------------------------------------------ guarded evaluation
 
