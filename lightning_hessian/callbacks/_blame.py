@@ -28,7 +28,8 @@ _DATA_PATTERNS = (
     ),
     (
         re.compile(
-            r"shapes? .* cannot be multiplied|size mismatch|Expected input batch_size|must match|target tensor expected|"
+            r"shapes? .* cannot be multiplied|size mismatch|Expected input batch_size|must match|"
+            r"target tensor expected|"
             r"multi-target",
             re.I,
         ),
