@@ -4,6 +4,7 @@ seeds, calibrated standard errors, the corrected Chebyshev stopping rule, and Hu
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -183,8 +184,17 @@ def test_adaptive_stopping_rademacher_real_operator(mlp_truth, mlp_op):
 
 
 def test_adaptive_cap_reports_not_converged(mlp_op):
-    est = hessian_trace(mlp_op, rel_tol=1e-4, max_probes=30, batch_size=10)
+    with pytest.warns(UserWarning, match=r"stopped at `max_probes`=30 without meeting the tolerance"):
+        est = hessian_trace(mlp_op, rel_tol=1e-4, max_probes=30, batch_size=10)
     assert not est.converged and est.num_probes == 30
+
+
+def test_adaptive_converged_does_not_warn():
+    op = MatrixOperator(torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = hessian_trace(op, rel_tol=0.1, abs_tol=1.0, max_probes=100)  # Rademacher: exact here
+    assert est.converged
 
 
 def _outlier_matrix(n=500, outliers=5, seed=0):

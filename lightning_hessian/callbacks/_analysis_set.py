@@ -23,6 +23,8 @@ from lightning_hessian.operators._batches import _move, _nbytes
 __all__ = ["DEFAULT_MAX_ANALYSIS_BYTES", "AnalysisSet"]
 
 DEFAULT_MAX_ANALYSIS_BYTES = 1 << 30
+# The memory guard projects the set's size from its first samples (and refuses before reading on).
+_ESTIMATE_SAMPLES = 8
 # The kept batches move to the accelerator when they take at most this fraction of its free memory.
 _DEVICE_MEMORY_FRACTION = 0.1
 
@@ -103,6 +105,9 @@ class AnalysisSet:
         self._batches: list[Any] | None = None
         self._source: tuple[Any, int, int] | None = None
         self._warned_isolation = False
+        # [rank, world size, float64 sum of the set's floats]: a changed dataset is noticed on resume
+        self.fingerprint: list[float] | None = None
+        self._saved_fingerprint: list[float] | None = None
 
     # ------------------------------------------------------------------ indices
 
@@ -134,6 +139,11 @@ class AnalysisSet:
     def materialized(self) -> bool:
         """Whether the batches have been read and are kept."""
         return self._batches is not None
+
+    @property
+    def first_batch(self) -> Any | None:
+        """This process's first kept micro-batch (``None`` before the read or for an empty shard)."""
+        return self._batches[0] if self._batches else None
 
     def clear(self) -> None:
         """Drop the kept batches (the next :meth:`materialize` reads again, identically)."""
@@ -181,6 +191,7 @@ class AnalysisSet:
             batches = self._read_stream(dataset, template, rank, world_size)
         else:
             batches = self._read_indexed(dataset, template, rank, world_size)
+        self.fingerprint = [rank, world_size, _content_sum(batches)]
         self._batches = self._place(batches, device)
         self._source = (source, rank, world_size)
         self.read_seconds = time.perf_counter() - start
@@ -206,6 +217,19 @@ class AnalysisSet:
             return dataset, generators
         return clone, find_held_generators(clone)[0]
 
+    def _projected_budget(self, sampled_bytes: int, sampled: int, total: int, unit: str = "samples") -> None:
+        """Refuse early: the first ``sampled`` items took ``sampled_bytes``; ``total`` would take ~that pro rata."""
+        if sampled_bytes <= 0 or sampled <= 0:
+            return  # no tensors to measure (e.g. PIL images before collation): the exact check decides
+        projected = sampled_bytes / sampled * total
+        if projected > self.max_bytes:
+            raise ValueError(
+                f"The analysis set would exceed its memory budget: its first {sampled} {unit} take "
+                f"{sampled_bytes:,} bytes, so its {total} {unit} would take ~{projected:,.0f} bytes > "
+                f"`max_analysis_bytes`={self.max_bytes:,} (per process); refused before reading the rest. "
+                "Lower `analysis_fraction` or `max_samples`, or raise `max_analysis_bytes`."
+            )
+
     def _budget(self, nbytes: int, count: int) -> None:
         if nbytes > self.max_bytes:
             raise ValueError(
@@ -220,7 +244,7 @@ class AnalysisSet:
         source, generators = self._isolated_source(dataset)
         batches: list[Any] = []
         pending: list[Any] = []
-        total = 0
+        total = sampled_bytes = 0
         with forked_global_rngs() as reseed, preserved_generators(generators):
             for position, index in enumerate(shard):
                 seed = derived_seed(self.seed, index)
@@ -228,6 +252,10 @@ class AnalysisSet:
                 for generator in generators:
                     generator.reseed(seed)
                 pending.append(source[index])
+                if position < _ESTIMATE_SAMPLES:
+                    sampled_bytes += _nbytes(pending[-1])
+                    if position + 1 == min(_ESTIMATE_SAMPLES, len(shard)):
+                        self._projected_budget(sampled_bytes, position + 1, len(shard))
                 if not auto or len(pending) == self.batch_size or position == len(shard) - 1:
                     batch = collate(pending) if auto else collate(pending[0])
                     pending = []
@@ -254,6 +282,8 @@ class AnalysisSet:
                 for sample in iterator:
                     samples.append(sample)
                     total += _nbytes(sample)
+                    if len(samples) == min(_ESTIMATE_SAMPLES, self.max_samples):
+                        self._projected_budget(total, len(samples), self.max_samples)
                     self._budget(total, len(samples))
                     if len(samples) >= self.max_samples:
                         break
@@ -276,10 +306,14 @@ class AnalysisSet:
         total = 0
         with forked_global_rngs() as reseed, preserved_generators(generators):
             reseed(self.seed)
+            expected = _loader_length(loader)
             for i, batch in enumerate(loader):
                 if i % world_size == rank:
                     batches.append(batch)
                     total += _nbytes(batch)
+                    if len(batches) == 1 and expected is not None:
+                        share = len(range(rank, expected, world_size))
+                        self._projected_budget(total, 1, share, unit="batches")
                     self._budget(total, len(batches))
         self.nbytes, self.num_samples = total, len(batches)
         return batches
@@ -296,14 +330,89 @@ class AnalysisSet:
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        return {"indices": self.indices, "dataset_length": self.dataset_length, "seed": self.seed}
+        return {
+            "indices": self.indices,
+            "dataset_length": self.dataset_length,
+            "seed": self.seed,
+            "fraction": self.fraction,
+            "max_samples": self.max_samples,
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the indices; changed analysis arguments redraw the set, with a warning.
+
+        A checkpoint written with another ``analysis_fraction``, ``max_samples`` or ``seed``
+        keeps its history, but its indices do not describe the set these arguments ask for: the
+        set is redrawn with the new arguments and a warning says that values before and after
+        the resume come from different sets. The content fingerprint (:meth:`check_content`)
+        catches a changed ``dataset`` of the same length.
+        """
+        changed = [
+            f"`{name}` {old!r} -> {new!r}"
+            for name, key, new in (
+                ("analysis_fraction", "fraction", self.fraction),
+                ("max_samples", "max_samples", self.max_samples),
+                ("seed", "seed", self.seed),
+            )
+            if (old := state.get(key, new)) != new
+        ]
         indices = state.get("indices")
+        if changed and indices is not None:
+            rank_zero_warn(
+                f"The analysis arguments changed since the checkpoint ({', '.join(changed)}): the analysis set of "
+                f"{len(indices)} samples is redrawn with the new arguments; curvature values before and after this "
+                "resume describe different sets."
+            )
+            self.clear()
+            self.indices, self.dataset_length, self._saved_fingerprint = None, None, None
+            return
         if indices != self.indices:
             self.clear()
         self.indices = indices
         self.dataset_length = state.get("dataset_length")
+        self._saved_fingerprint = state.get("fingerprint")
+
+    def check_content(self) -> None:
+        """After a resumed read: warn when the content differs from the checkpoint's (another ``dataset``)."""
+        saved, self._saved_fingerprint = self._saved_fingerprint, None
+        if saved is None or self.fingerprint is None or list(saved[:2]) != list(self.fingerprint[:2]):
+            return  # nothing saved, or saved by another process / world size: not comparable
+        if list(saved) == list(self.fingerprint):
+            return
+        rank_zero_warn(
+            "The analysis set read after this resume holds other data than the checkpoint's (same indices, "
+            "different content fingerprint: was `dataset` or the training data changed?). The new data is "
+            "analysed; curvature values before and after this resume describe different sets."
+        )
+
+
+def _loader_length(loader: DataLoader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable-style dataset without a length
+        return None
+
+
+def _content_sum(batches: list[Any]) -> float:
+    """Float64 sum of every number in the batches (tensors found in tuples, lists and dicts)."""
+    total = 0.0
+
+    def visit(obj: Any) -> None:
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if not obj.is_complex():
+                total += float(obj.detach().to(torch.float64).sum())
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                visit(value)
+
+    for batch in batches:
+        visit(batch)
+    return total
 
 
 def _collation(template: DataLoader | None) -> tuple[Callable[[Any], Any], bool]:

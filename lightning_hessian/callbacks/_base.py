@@ -26,6 +26,8 @@ from lightning_hessian.callbacks._analysis_set import (
     AnalysisSet,
     _plain_dataloader,
 )
+from lightning_hessian.callbacks._blame import data_fault, describe_batch
+from lightning_hessian.callbacks._honesty import check_analysis_size
 from lightning_hessian.callbacks._isolation import isolated_training_state
 from lightning_hessian.callbacks._logging import ArtifactPublisher
 from lightning_hessian.callbacks._progress import (
@@ -33,6 +35,12 @@ from lightning_hessian.callbacks._progress import (
     evaluation_bar,
     progress_logger,
     summarize_evaluation,
+)
+from lightning_hessian.callbacks._resume import (
+    RESUME_MODES,
+    InterruptibleEvaluations,
+    MissedEvaluations,
+    state_saved_with_other_analysis,
 )
 from lightning_hessian.callbacks._schedule import EvaluationSchedule
 from lightning_hessian.callbacks._sharding import SHARDED_PATH
@@ -122,8 +130,15 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> Any:
     return value
 
 
-class CurvatureCallback(Callback):
-    """Scheduling, analysis set, isolation, DDP plumbing and logging shared by the monitors."""
+class CurvatureCallback(InterruptibleEvaluations, Callback):
+    """Scheduling, analysis set, isolation, DDP plumbing and logging shared by the monitors.
+
+    Signals and resumes (:mod:`lightning_hessian.callbacks._interrupt`,
+    :mod:`lightning_hessian.callbacks._resume`): a SIGTERM or SIGINT during an evaluation stops it
+    before the next product on every process, restores the training state, records the missed
+    evaluation in the checkpointed state and hands the signal back to Lightning; after a resume the
+    interrupted evaluation is re-run (``resume_missed="rerun"``) or warned about.
+    """
 
     _metric_prefix = "hessian/"
 
@@ -146,8 +161,13 @@ class CurvatureCallback(Callback):
         progress_bar: bool = False,
         every_n_train_steps: int | None = None,
         max_overhead: float | None = None,
+        resume_missed: str = "rerun",
     ) -> None:
         super().__init__()
+        if resume_missed not in RESUME_MODES:
+            raise ValueError(f"`resume_missed` must be 'rerun' or 'warn', got {resume_missed!r}.")
+        self.resume_missed = resume_missed
+        self.missed = MissedEvaluations()
         self.schedule = EvaluationSchedule(every_n_epochs, every_n_train_steps, max_overhead, clock=self._timer)
         self.analysis_fraction = _check_fraction(analysis_fraction)
         self.max_samples = _check_positive_int("max_samples", max_samples, allow_none=True)
@@ -206,6 +226,28 @@ class CurvatureCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start, self._last_batch_end = self._timer(), None
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint of this monitor saved with another ``analysis_fraction``/``seed`` (another state key).
+
+        Lightning would not restore it (the key differs): its history, schedule and missed
+        evaluations are loaded instead, with a warning, and the analysis set is redrawn with the
+        new arguments (:meth:`AnalysisSet.load_state_dict`).
+        """
+        found = state_saved_with_other_analysis(
+            type(self).__qualname__, self.state_key, checkpoint.get("callbacks") or {}
+        )
+        if found is None:
+            return
+        key, state = found
+        rank_zero_warn(
+            f"{type(self).__name__}: the checkpoint holds this monitor's state under {key}, saved with other "
+            f"analysis arguments than {self.state_key}; restoring its history and schedule and redrawing the "
+            "analysis set with the new arguments."
+        )
+        self.load_state_dict(state)
+
     # ------------------------------------------------------------------ scheduling
 
     @property
@@ -254,10 +296,11 @@ class CurvatureCallback(Callback):
             run = bool(trainer.strategy.broadcast(run, src=0))  # rank 0's clock decides for all
         if not run:
             self.schedule.skip()
+            self.missed.add(trainer.current_epoch, trainer.global_step, "budget")
             return
         self.schedule.begin()
         try:
-            self._evaluate(trainer, pl_module)
+            self._watched_evaluate(trainer, pl_module)
         finally:
             self.schedule.finish()
 
@@ -268,14 +311,18 @@ class CurvatureCallback(Callback):
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
         """Add ``overhead``, append the history row (``epoch``, ``step``, values) and log the scalars."""
         values["overhead"] = self.schedule.overhead()
-        self.history.append({"epoch": float(trainer.current_epoch), "step": float(trainer.global_step), **values})
+        epoch, step = self._now(trainer)
+        self.history.append({"epoch": float(epoch), "step": float(step), **values})
         self._log_scalars(trainer, pl_module, values)
 
     def _schedule_state(self) -> dict[str, Any]:
-        return self.schedule.state_dict()
+        """The budget's counters and the due evaluations without a valid row (``"missed"``)."""
+        return {**self.schedule.state_dict(), "missed": self.missed.state_dict()}
 
     def _load_schedule_state(self, state_dict: dict[str, Any]) -> None:
-        self.schedule.load_state_dict(state_dict.get("schedule", {}))
+        schedule = state_dict.get("schedule", {})
+        self.schedule.load_state_dict(schedule)
+        self.missed.load_state_dict(schedule.get("missed"))
 
     # ------------------------------------------------------------------ helpers for subclasses
 
@@ -287,6 +334,11 @@ class CurvatureCallback(Callback):
         """
         seconds_before = self.analysis.read_seconds if self.analysis.materialized else None
         batches = self._materialize(trainer)
+        if seconds_before is None:
+            self.analysis.check_content()
+        if seconds_before is None and self.dataloader is None:  # an explicit loader is the user's exact choice
+            total = len(self.analysis.indices) if self.analysis.indices is not None else self.analysis.num_samples
+            check_analysis_size(type(self).__name__, total, self.analysis_fraction, self.max_samples)
         if trainer.is_global_zero and seconds_before is None:
             where = "GPU" if batches and _on_cuda(batches[0]) else "host memory"
             progress_logger().info(
@@ -347,9 +399,10 @@ class CurvatureCallback(Callback):
         if self._epoch_start is not None:
             end = self._last_batch_end if self._last_batch_end is not None else self._timer() - seconds
             reference = end - self._epoch_start
+        epoch, step = self._now(trainer)
         message = summarize_evaluation(
             type(self).__name__,
-            f"step {trainer.global_step}" if self.schedule.by_steps else f"epoch {trainer.current_epoch}",
+            f"step {step}" if self.schedule.by_steps else f"epoch {epoch}",
             work,
             seconds,
             reference,
@@ -388,6 +441,11 @@ class CurvatureCallback(Callback):
 
     def _log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
         self._report(trainer, values)
+        if self._rerun_of is not None:  # re-run after a resume: to the loggers, at the missed step
+            metrics = {f"{self.prefix}{name}": float(value) for name, value in values.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=int(self._rerun_of["step"]))
+            return
         by_steps = self.schedule.by_steps
         # Step schedule: Lightning writes step metrics to loggers only every `log_every_n_steps`,
         # so the values go to the loggers directly, at this global step, and through
@@ -421,6 +479,7 @@ class CurvatureCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run_dry_run(trainer, pl_module)
+        self._fill_gaps(trainer, pl_module)  # after a resume: the interrupted evaluation, or a warning
         self.schedule.start()  # the budget's training clock starts after the dry run
 
     def _dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -442,9 +501,11 @@ class CurvatureCallback(Callback):
             try:
                 self._dry_run(trainer, pl_module)
             except HessianComputationError as err:
+                fault = data_fault(err, self.analysis.first_batch)
+                blame = f" {fault[0].upper()}{fault[1:]}: {describe_batch(self.analysis.first_batch)}." if fault else ""
                 rank_zero_warn(
                     f"{type(self).__name__}: the dry run before training hit a numerical failure "
-                    f"({type(err).__name__}: {err}); evaluations will log NaN while it persists."
+                    f"({type(err).__name__}: {err}); evaluations will log NaN while it persists.{blame}"
                 )
             except Exception as err:  # noqa: BLE001 - re-raised below, after the agreement
                 failure = err
@@ -454,17 +515,28 @@ class CurvatureCallback(Callback):
                 "raised there); fix the configuration named in that message."
             )
         if failure is not None:
-            note = (
-                f"Raised by {type(self).__name__}'s dry run before the first training step (one "
-                "analysis micro-batch): the callback is misconfigured for this model/data; the "
-                "message above names the argument to change."
-            )
+            note = self._dry_run_note(failure)
             if hasattr(failure, "add_note"):  # Python >= 3.11
                 failure.add_note(note)
             else:  # Python 3.10 has no add_note: keep the note where 3.11+ does, and show it
                 vars(failure).setdefault("__notes__", []).append(note)
                 rank_zero_warn(note)
             raise failure
+
+    def _dry_run_note(self, failure: BaseException) -> str:
+        """The data's fault (with the batch's shapes/dtypes), or the configuration's (naming the argument)."""
+        where = f"Raised by {type(self).__name__}'s dry run before the first training step (one analysis micro-batch)"
+        batch = self.analysis.first_batch
+        fault = data_fault(failure, batch)
+        if fault is not None:
+            return (
+                f"{where}: the data is at fault, not the callback's arguments: {fault}. First analysis "
+                f"micro-batch: {describe_batch(batch)}."
+            )
+        return (
+            f"{where}: the callback is misconfigured for this model/data; the message above names the "
+            "argument to change."
+        )
 
     # ------------------------------------------------------------------ guarded evaluation
 
@@ -506,6 +578,7 @@ class CurvatureCallback(Callback):
             if failure is not None:
                 raise failure
             raise RuntimeError(f"{type(self).__name__}: {what} failed on another process (on_error='raise').")
+        self.missed.add(*self._now(trainer), "error")
         where = f"{type(self).__name__}: {what} failed at epoch {trainer.current_epoch}"
         if failure is not None:
             message = f"{where} ({type(failure).__name__}: {failure}); logging NaN and continuing training."

@@ -8,13 +8,19 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_hessian.callbacks._analysis_set import DEFAULT_MAX_ANALYSIS_BYTES
 from lightning_hessian.callbacks._base import CurvatureCallback, default_classification_loss
 from lightning_hessian.callbacks._curvature_views import CurvatureViews
+from lightning_hessian.callbacks._honesty import (
+    TOP_EIGENVALUE_RTOL,
+    cap_num_steps,
+    check_lanczos_budget,
+    top_eigenvalue_converged,
+)
 from lightning_hessian.callbacks._logging import density_figure, density_histogram
 from lightning_hessian.callbacks._sharding import (
     is_sharded,
@@ -38,6 +44,7 @@ _SCALARS = (
     "trace_ci_low",
     "trace_ci_high",
     "top_eigenvalue",
+    "top_eigenvalue_converged",
     "min_eigenvalue",
     "negative_mass",
     "negative_mass_threshold",
@@ -204,6 +211,13 @@ class HessianMonitor(CurvatureCallback):
             its collated micro-batches are kept for the whole run (on a CUDA device when they take
             at most 10% of its free memory): random augmentation is frozen at that seeded draw, and
             a resumed run reads the same tensors. A larger set raises ``ValueError`` at fit start.
+        resume_missed: What a resumed run does with an evaluation that a SIGTERM/SIGINT stopped
+            (the signal stops it before the next HVP on every process, restores the training state,
+            logs no row and hands the signal back to Lightning): ``"rerun"`` (default) re-runs it
+            before the first training step when the restored weights are those it was meant to
+            analyse (a checkpoint written at the interruption, e.g. by ``OnExceptionCheckpoint``),
+            with its epoch/step; ``"warn"`` only warns, naming it. Evaluations skipped by
+            ``max_overhead`` or failed are named in a warning after a resume.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -252,6 +266,7 @@ class HessianMonitor(CurvatureCallback):
         on_error: Literal["warn", "raise"] = "warn",
         progress_bar: bool = False,
         max_analysis_bytes: int = DEFAULT_MAX_ANALYSIS_BYTES,
+        resume_missed: Literal["rerun", "warn"] = "rerun",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -270,6 +285,7 @@ class HessianMonitor(CurvatureCallback):
             progress_bar=progress_bar,
             every_n_train_steps=every_n_train_steps,
             max_overhead=max_overhead,
+            resume_missed=resume_missed,
         )
         for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("top_k", top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -280,8 +296,11 @@ class HessianMonitor(CurvatureCallback):
             raise ValueError(f"`sharp_drop_patience` must be a non-negative integer, got {sharp_drop_patience!r}.")
         if stop_on_sharp_drop and not detect_sharp_drop:
             raise ValueError("`stop_on_sharp_drop=True` needs `detect_sharp_drop=True`.")
+        check_lanczos_budget(type(self).__name__, num_runs, num_steps, top_k)
         self.num_runs = num_runs
         self.num_steps = num_steps
+        self._steps = num_steps  # capped at the number of parameters by the dry run
+        self._warned_unconverged = False
         self.top_k = top_k
         self.resample_probes = bool(resample_probes)
         self.train_mode_batchnorm = bool(train_mode_batchnorm)
@@ -434,6 +453,9 @@ class HessianMonitor(CurvatureCallback):
     def _dry_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The optimizers (edge-of-stability options), the analysis set, the loss and one product on one micro-batch."""
         self.views.check_optimizers(pl_module, trainer.optimizers)
+        num_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        self._steps = cap_num_steps(type(self).__name__, self.num_steps, num_params)
+        self._warned_unconverged = False  # once per fit
         data = self._analysis_data(trainer)
         batch = self._first_micro_batch(data)
         if is_sharded(pl_module):
@@ -460,12 +482,12 @@ class HessianMonitor(CurvatureCallback):
         ):  # once: a summed loss scales the Hessian by the batch size
             self._reduction_checked = True
             check_operator_loss_reduction(op)
-        probe_seed = self.seed + (trainer.current_epoch if self.resample_probes else 0)
-        with self._progress(trainer, self.num_runs * self.num_steps, "HVP") as advance:
+        probe_seed = self.seed + (self._now(trainer)[0] if self.resample_probes else 0)
+        with self._progress(trainer, self.num_runs * self._steps, "HVP") as advance:
             sd = spectral_density(
-                self._counting(self.views.wrap(op), advance),
+                self._counting(self.views.wrap(self._interruptible(op)), advance),
                 num_runs=self.num_runs,
-                num_steps=self.num_steps,
+                num_steps=self._steps,
                 seed=probe_seed,
                 basis_dtype=getattr(torch, self.lanczos_basis_dtype),
                 basis_device="cpu" if self.lanczos_basis_on_cpu else None,
@@ -483,6 +505,7 @@ class HessianMonitor(CurvatureCallback):
             "trace_ci_high": ci_high if math.isfinite(ci_high) else math.nan,
             "top_eigenvalue": float(top_values[0]),
             "top_eigenvalue_residual": float(top_residuals[0]),
+            "top_eigenvalue_converged": top_eigenvalue_converged(float(top_values[0]), float(top_residuals[0])),
             "min_eigenvalue": float(bottom_values[0]),
             "negative_mass": sd.negative_mass,
             "negative_mass_threshold": sd.negative_mass_threshold,
@@ -510,7 +533,7 @@ class HessianMonitor(CurvatureCallback):
         return values
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
+        epoch = self._now(trainer)[0]
         values, sd = self._guarded_compute(trainer, pl_module, "curvature computation")
         self.last_density = sd
         # the detector's clock: epochs, or evaluation indices under a step schedule
@@ -518,10 +541,23 @@ class HessianMonitor(CurvatureCallback):
         if self.detect_sharp_drop:
             self._update_sharp_drop(trainer, when, values)
         self._record(trainer, pl_module, values)
+        self._warn_unconverged(epoch, values)
         if sd is not None and self.log_density:
             self._log_density(trainer, sd, epoch)
         if self.stop_on_sharp_drop:
             self._maybe_stop(trainer, when)
+
+    def _warn_unconverged(self, epoch: int, values: dict[str, float]) -> None:
+        """Once per fit: the top eigenvalue's residual is above the stated tolerance."""
+        if self._warned_unconverged or values.get("top_eigenvalue_converged") != 0.0:
+            return
+        self._warned_unconverged = True
+        rank_zero_warn(
+            f"HessianMonitor: at epoch {epoch} the top eigenvalue has not converged: Ritz residual "
+            f"{values['top_eigenvalue_residual']:.3g} > {TOP_EIGENVALUE_RTOL:g} x |{values['top_eigenvalue']:.4g}| "
+            "(hessian/top_eigenvalue_converged = 0): top_eigenvalue is a lower bound that may be far from the "
+            f"largest eigenvalue. Raise `num_steps` (now {self._steps}). (Warned once per fit.)"
+        )
 
     def _label(self, when: int | None) -> str:
         """An evaluation's position for messages: its epoch, or its global step under a step schedule."""
@@ -550,7 +586,8 @@ class HessianMonitor(CurvatureCallback):
         middle = self.detector.drop_middle_epoch
         if self.schedule.by_steps:
             # the running evaluation is not in the history yet: its step is the current one
-            step = float(trainer.global_step) if middle == len(self.history) else self._step_of(middle)
+            now_step = float(self._now(trainer)[1])
+            step = now_step if middle == len(self.history) else self._step_of(middle)
             values["trace_sharp_drop_step"] = step
         else:
             values["trace_sharp_drop_epoch"] = float(middle) if middle is not None else math.nan

@@ -201,6 +201,9 @@ class LocalVolumeMonitor(CurvatureCallback):
             its collated micro-batches are kept for the whole run (on a CUDA device when they take
             at most 10% of its free memory): random augmentation is frozen at that seeded draw, and
             a resumed run reads the same tensors. A larger set raises ``ValueError`` at fit start.
+        resume_missed: ``"rerun"`` (default) or ``"warn"``: what a resumed run does with an
+            evaluation that a SIGTERM/SIGINT stopped (checked after each group of directions), as
+            in :class:`~lightning_hessian.callbacks.HessianMonitor`.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -243,6 +246,7 @@ class LocalVolumeMonitor(CurvatureCallback):
         on_error: Literal["warn", "raise"] = "warn",
         progress_bar: bool = False,
         max_analysis_bytes: int = DEFAULT_MAX_ANALYSIS_BYTES,
+        resume_missed: Literal["rerun", "warn"] = "rerun",
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -261,6 +265,7 @@ class LocalVolumeMonitor(CurvatureCallback):
             progress_bar=progress_bar,
             every_n_train_steps=every_n_train_steps,
             max_overhead=max_overhead,
+            resume_missed=resume_missed,
         )
         if not (callable(cost) or (isinstance(cost, str) and cost in ("kl", "gaussian", "loss"))):
             raise ValueError(f"`cost` must be 'kl', 'gaussian', 'loss' or a callable, got {cost!r}.")
@@ -583,7 +588,12 @@ class LocalVolumeMonitor(CurvatureCallback):
                 with self._progress(trainer, self.num_directions, "direction") as advance:
                     if is_sharded(pl_module):  # FSDP2: local shards, the sharded forward
                         est = sharded_local_volume(
-                            pl_module, data, optimizer=optimizers, progress=advance, **self._volume_kwargs()
+                            pl_module,
+                            data,
+                            optimizer=optimizers,
+                            progress=advance,
+                            before_evaluation=self._interrupt_check(),
+                            **self._volume_kwargs(),
                         )
                     else:
                         est = local_volume(
@@ -592,6 +602,7 @@ class LocalVolumeMonitor(CurvatureCallback):
                             optimizer=optimizers,
                             all_reduce=self._all_reduce(trainer),
                             progress=advance,
+                            before_evaluation=self._interrupt_check(),
                             **self._volume_kwargs(),
                         )
         except MissingOptimizerStateError as err:
@@ -608,7 +619,7 @@ class LocalVolumeMonitor(CurvatureCallback):
         return values
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
+        epoch = self._now(trainer)[0]
         values, est = self._guarded_compute(trainer, pl_module, "local-volume computation")
         self.last_estimate = est
         self._record(trainer, pl_module, values)

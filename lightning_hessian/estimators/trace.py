@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -210,7 +211,7 @@ def hessian_trace(
         rel_tol: Adaptive stopping: relative tolerance :math:`\epsilon`.
         abs_tol: Adaptive stopping: absolute tolerance :math:`\epsilon_{abs}`.
         confidence: Adaptive stopping: :math:`1-\delta`.
-        max_probes: Adaptive stopping: cap on probes.
+        max_probes: Adaptive stopping: cap on probes (reaching it without meeting the tolerance warns).
         min_probes: Adaptive stopping: probes drawn before the rule is checked (>= 30).
         batch_size: Probes per vmapped ``matmat``.
         seed: Seed or ``torch.Generator`` (the global RNG is never used).
@@ -262,6 +263,17 @@ def hessian_trace(
         )
     if adaptive and max_probes < min_probes:
         raise ValueError(f"Need `min_probes` <= `max_probes`, got {min_probes}, {max_probes}.")
-    return _hutchinson(
+    estimate = _hutchinson(
         op, probe, generator, num_probes, rel_tol, abs_tol, confidence, max_probes, min_probes, batch_size
     )
+    if adaptive and not estimate.converged:
+        warnings.warn(
+            f"hessian_trace: stopped at `max_probes`={max_probes} without meeting the tolerance (rel_tol="
+            f"{rel_tol}, abs_tol={abs_tol}, confidence={confidence}): estimate {estimate.value:.4g} +- "
+            f"{estimate.stderr:.2g} (standard error), converged=False. Raise `max_probes` or loosen the "
+            "tolerance; near zero trace (e.g. an untrained model) a relative tolerance needs abs_tol to match "
+            "the trace's scale.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return estimate

@@ -116,6 +116,7 @@ class CostEvaluator:
         self.output_fn = output_fn
         self.batch_loss = batch_loss
         self.all_reduce = all_reduce
+        self.before_call: Callable[[], None] | None = None
         self.names = names
         self.params = params
         self.device = params[0].device
@@ -321,6 +322,8 @@ class CostEvaluator:
 
     def __call__(self, theta: Tensor, directions: Tensor, t: Tensor) -> Tensor:
         """Costs at ``theta + t_j * directions_j`` (float64 inputs): float64 ``[J]`` on the CPU."""
+        if self.before_call is not None:  # e.g. a monitor's signal check (may raise to stop)
+            self.before_call()
         count = directions.shape[0]
         stacked = self._stacked_params(theta, directions, t)
         if self.all_reduce is None:

@@ -115,6 +115,7 @@ def local_volume(
     seed: int | torch.Generator | None = 0,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
     progress: Callable[[float], None] | None = None,
+    before_evaluation: Callable[[], None] | None = None,
 ) -> VolumeEstimate:
     r"""Estimate the local volume (or prior probability) of the behavioural neighbourhood of ``model``.
 
@@ -259,6 +260,10 @@ def local_volume(
         progress: Called after each group of directions with the number of directions finished
             (e.g. a progress bar's ``update``); it adds up to ``num_directions`` (with several
             candidate preconditioners, ``preconditioner_eps="auto"``, each counts its share).
+        before_evaluation: Called before every batched cost evaluation (one forward pass of the
+            analysis set for a group of (direction, step) pairs; under DDP the same number of
+            times on every process); it may raise to stop the estimate (how
+            :class:`~lightning_hessian.callbacks.LocalVolumeMonitor` stops at a SIGTERM).
 
     Returns:
         A :class:`VolumeEstimate`.
@@ -313,6 +318,7 @@ def local_volume(
     with _analysis_mode(model, params[0].device):
         # cost and anchor: C(theta) must be below the cutoff
         evaluator = _cost_evaluator(model, config, mask_fn, batch_size_fn, names, params, all_reduce)
+        evaluator.before_call = before_evaluation
         theta = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
         _check_anchor_cost(evaluator, theta, config.cutoff)
         # preconditioner(s), then the shared search set-up and the flat coordinates

@@ -135,6 +135,7 @@ class ShardedCostEvaluator(CostEvaluator):
         self.device = locals_[0].device
         self.model_dtype = self.dtype = locals_[0].dtype
         self.constants = {}
+        self.before_call: Any = None
         from lightning_hessian.volume.cost import _Forward
 
         self.wrapper = _Forward(model, output_fn)
@@ -196,6 +197,8 @@ class ShardedCostEvaluator(CostEvaluator):
 
     def __call__(self, theta: Tensor, directions: Tensor, t: Tensor) -> Tensor:
         """Costs at ``theta + t_j directions_j`` (local rows, float64): float64 ``[J]`` on the CPU (collective)."""
+        if self.before_call is not None:  # e.g. a monitor's signal check (may raise to stop)
+            self.before_call()
         sums = torch.zeros(directions.shape[0], dtype=torch.float64, device=self.device)
         try:
             for j in range(directions.shape[0]):
@@ -420,6 +423,7 @@ def sharded_local_volume(
     max_evaluations: int = 100,
     seed: int = 0,
     progress: Any = None,
+    before_evaluation: Any = None,
 ) -> VolumeEstimate:
     r""":func:`~lightning_hessian.local_volume` of an FSDP2-sharded model (collective: every process calls it).
 
@@ -464,6 +468,7 @@ def sharded_local_volume(
             space=space,
             locals_=locals_,
         )
+        evaluator.before_call = before_evaluation
         theta = torch.cat([s.reshape(-1).to(torch.float64) for s in evaluator.saved])
         anchor = float(evaluator(theta, torch.zeros(1, theta.numel(), dtype=torch.float64), torch.zeros(1))[0])
         if not anchor < cutoff:
