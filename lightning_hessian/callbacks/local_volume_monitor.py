@@ -19,6 +19,7 @@ from lightning_hessian.callbacks._analysis_set import (
     _plain_dataloader,
 )
 from lightning_hessian.callbacks._base import CurvatureCallback
+from lightning_hessian.callbacks._cost import analysis_scale, volume_cost_projection
 from lightning_hessian.callbacks._logging import Histogram
 from lightning_hessian.optim_state import param_groups, unwrap_optimizer
 from lightning_hessian.volume import (
@@ -539,7 +540,16 @@ class LocalVolumeMonitor(CurvatureCallback):
         # The Gaussian measure: the Lebesgue one's flat-coordinate check is a property of the whole
         # analysis set (one micro-batch would flag spurious flat coordinates) and costs passes.
         kwargs.update(measure="gaussian", prior_std=kwargs.get("prior_std", 1.0))
-        local_volume(pl_module, [batch], **kwargs)
+        start = self._timer()
+        est = local_volume(pl_module, [batch], **kwargs)
+        seconds = self._timer() - start
+        self._projection = volume_cost_projection(
+            type(self).__name__,
+            est.num_forward_passes,
+            seconds,
+            self.num_directions,
+            analysis_scale(self._batch_weight_fn() if self.cost == "loss" else None, batch, data),
+        )
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], VolumeEstimate]:
         start = self._timer()

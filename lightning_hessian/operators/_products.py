@@ -218,11 +218,16 @@ class CompiledProducts:
     def _function(self, path: str) -> Callable[..., Products]:
         if path not in self._compiled:
             eager = func_products if path == "func" else reverse_products
-            self._compiled[path] = torch.compile(eager, fullgraph=True)  # type: ignore[assignment]
+            self._compiled[path] = torch.compile(eager, fullgraph=True)
         return self._compiled[path]
 
     def run(
-        self, path: str, primals: tuple[Tensor, ...], constants: dict[str, Tensor], batch: Any, tangents: tuple[Tensor, ...]
+        self,
+        path: str,
+        primals: tuple[Tensor, ...],
+        constants: dict[str, Tensor],
+        batch: Any,
+        tangents: tuple[Tensor, ...],
     ) -> Products | None:
         """The compiled product of ``path``, or ``None`` where compilation failed (the caller runs eager)."""
         if path in self.failed:

@@ -12,7 +12,7 @@ and that the parameters are unchanged, restoring or re-preparing where they were
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -23,7 +23,9 @@ from lightning_hessian.operators._state import ModelSnapshot, _version
 
 class _SessionOwner(Protocol):
     model: nn.Module
-    _params: list[Tensor]
+
+    @property
+    def _params(self) -> Sequence[Tensor]: ...
 
     def _guarded(self) -> contextlib.ExitStack[bool | None]: ...
 
