@@ -69,7 +69,7 @@ class CostProjection:
         """The projection as a multiple of a training epoch of ``epoch_seconds``."""
         return (
             f"{self.name}: one evaluation will cost about {self.seconds:.3g} s = "
-            f"{self.seconds / epoch_seconds:.2g}x the first training epoch ({epoch_seconds:.3g} s)"
+            f"{self.seconds / epoch_seconds:.3g}x the first training epoch ({epoch_seconds:.3g} s)"
         )
 
 
