@@ -17,7 +17,7 @@ from lightning_hessian.estimators.deflation import (
     leave_one_out_trace_samples,
     ritz_vectors,
 )
-from lightning_hessian.estimators.lanczos import ROUNDING_FACTOR, lanczos, rounding_floor
+from lightning_hessian.estimators.lanczos import ROUNDING_FACTOR, lanczos, product_error_level, rounding_floor
 from lightning_hessian.operators import CurvatureOperator
 
 __all__ = ["NEGATIVE_RELATIVE_THRESHOLD", "SpectralDensity", "spectral_density"]
@@ -420,7 +420,9 @@ def spectral_density(
     weights = weights / weights.sum(dim=1, keepdim=True)
     scale = float(nodes.abs().max())
     product_dtype = max(getattr(op, "dtype", torch.float64), basis_dtype, key=lambda d: torch.finfo(d).eps)
-    residuals = residuals.clamp_min(ROUNDING_FACTOR * rounding_floor(product_dtype, scale))
+    residuals = residuals.clamp_min(
+        ROUNDING_FACTOR * max(rounding_floor(product_dtype, scale), product_error_level(op) * scale)
+    )
     deflated, num_deflated, deflated_mask, loo, outliers = None, 0.0, None, None, None
     if deflate and result.basis is not None and scale > 0:
         candidates = converged_extremes(residuals, result.steps, deflation_rtol, scale)

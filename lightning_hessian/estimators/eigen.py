@@ -13,7 +13,7 @@ from lightning_hessian.estimators.lanczos import (
     ROUNDING_FACTOR,
     LanczosResult,
     lanczos,
-    rounding_floor,
+    product_error_level,
 )
 from lightning_hessian.operators.base import CurvatureOperator, WrappedOperator
 
@@ -48,7 +48,7 @@ class EigenResult:
 
 def _rounding_floor(op: CurvatureOperator, scale: float) -> float:
     """Residual floor of products in the operator's dtype: ``eps_dtype * ||H||``."""
-    return rounding_floor(getattr(op, "dtype", torch.float64), scale)
+    return product_error_level(op) * scale
 
 
 def _error_bounds(theta: Tensor, resid: Tensor, target: Tensor) -> Tensor:

@@ -33,6 +33,20 @@ def rounding_floor(dtype: torch.dtype, scale: float) -> float:
     return float(torch.finfo(dtype).eps) * scale
 
 
+def product_error_level(op: object) -> float:
+    """Relative error level of ``op``'s products, in the units of :func:`rounding_floor`'s ``eps``.
+
+    ``eps`` of the operator's dtype; for finite-difference products (an operator exposing a
+    finite ``fd_error_estimate``) at least that measured error over :data:`ROUNDING_FACTOR`, so
+    that floors of ``ROUNDING_FACTOR`` levels sit at the measured error.
+    """
+    level = float(torch.finfo(getattr(op, "dtype", torch.float64)).eps)
+    fd_error = getattr(op, "fd_error_estimate", math.nan)
+    if isinstance(fd_error, float) and math.isfinite(fd_error):
+        level = max(level, fd_error / ROUNDING_FACTOR)
+    return level
+
+
 @dataclass
 class LanczosResult:
     """Output of :func:`lanczos` for ``R`` runs.

@@ -16,15 +16,16 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 import torch
 
 from lightning_hessian.errors import HessianComputationError
 
-__all__ = ["Backend", "BackendSelector", "HVPPath"]
+__all__ = ["BACKENDS", "Backend", "BackendSelector", "HVPPath", "check_backend"]
 
-Backend = Literal["auto", "func", "autograd"]
+Backend = Literal["auto", "func", "autograd", "finite_difference"]
+BACKENDS = ("auto", "func", "autograd", "finite_difference")
 HVPPath = Literal["func", "autograd"]
 _PATHS = ("func", "autograd")
 # Both paths are timed in _MIN_ROUNDS alternating rounds (minimum per path; the first call of a
@@ -36,6 +37,17 @@ _RETIME_RATIO = 1.3
 
 logger = logging.getLogger("lightning_hessian")
 T = TypeVar("T")
+
+
+def check_backend(backend: object) -> str:
+    """``backend`` if it names an HVP backend, else a ``ValueError`` naming the options."""
+    if backend not in BACKENDS:
+        import difflib
+
+        close = difflib.get_close_matches(str(backend), BACKENDS, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"`backend` must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}{hint}.")
+    return str(backend)
 
 
 class BackendSelector:
@@ -61,8 +73,8 @@ class BackendSelector:
         device: torch.device | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if requested not in ("auto", "func", "autograd"):
-            raise ValueError(f"`backend` must be 'auto', 'func' or 'autograd', got {requested!r}.")
+        if check_backend(requested) == "finite_difference":
+            raise ValueError("BackendSelector chooses between the AD paths; finite differences are not measured.")
         if func_min_vectors is not None and (
             isinstance(func_min_vectors, bool) or not isinstance(func_min_vectors, int) or func_min_vectors < 1
         ):
@@ -86,7 +98,7 @@ class BackendSelector:
     def path_for(self, width: int) -> HVPPath | None:
         """The path products of ``width`` vectors use, or ``None`` while still to be measured."""
         if self.requested != "auto":
-            return self.requested
+            return cast(HVPPath, self.requested)
         if self.func_failed:
             return "autograd"
         if width in self.choices:

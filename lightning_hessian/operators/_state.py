@@ -92,10 +92,13 @@ def preserved_model_state(model: nn.Module, *, buffers: bool = True) -> Iterator
 
 
 @contextlib.contextmanager
-def _analysis_mode(model: nn.Module, train_mode_batchnorm: bool) -> Iterator[None]:
-    """Eval mode everywhere, SDPA on its math kernel; optionally BatchNorm on batch statistics (buffers untouched)."""
+def _analysis_mode(model: nn.Module, train_mode_batchnorm: bool, math_attention: bool = True) -> Iterator[None]:
+    """Eval mode everywhere, SDPA on its math kernel (if ``math_attention``); optionally BatchNorm on batch statistics.
+
+    Buffers are untouched.
+    """
     bn_flags: list[tuple[nn.modules.batchnorm._NormBase, bool]] = []
-    attention = derivative_friendly_attention()
+    attention = derivative_friendly_attention() if math_attention else contextlib.nullcontext()
     attention.__enter__()
     model.eval()
     if train_mode_batchnorm:

@@ -8,6 +8,7 @@ the same interface (tests, known spectra, small models whose Hessian was formed 
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -127,6 +128,11 @@ class WrappedOperator:
     def vector_space(self) -> object | None:
         """The wrapped operator's vector space (sharded operators; ``None`` otherwise)."""
         return getattr(self.op, "vector_space", None)
+
+    @property
+    def fd_error_estimate(self) -> float:
+        """The wrapped operator's measured finite-difference error (NaN: exact products)."""
+        return float(getattr(self.op, "fd_error_estimate", math.nan))
 
     def matmat(self, matrix: Tensor) -> Tensor:
         raise NotImplementedError

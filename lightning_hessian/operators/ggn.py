@@ -137,6 +137,12 @@ class GGNOperator(HessianOperator):
                 "model's outputs from the loss, which `batch_loss` hides. Pass loss_fn (and "
                 "(inputs, targets) batches), or use HessianOperator."
             )
+        if kwargs.get("backend") == "finite_difference" or "fd_step" in kwargs or "fd_richardson" in kwargs:
+            raise ValueError(
+                "GGNOperator has no finite-difference backend: its products are Jacobian products of the "
+                "model's outputs, not differences of loss gradients. Use backend='auto', 'func' or 'autograd', "
+                "or HessianOperator(backend='finite_difference') for the Hessian."
+            )
         if loss_hessian not in ("auto", "cross_entropy", "mse", "autograd"):
             raise ValueError(
                 f"`loss_hessian` must be 'auto', 'cross_entropy', 'mse' or 'autograd', got {loss_hessian!r}."

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian.errors import NonFiniteHVPError, NonFiniteLossError
-from lightning_hessian.operators._backend import Backend, BackendSelector
+from lightning_hessian.errors import HessianComputationError, NonFiniteHVPError, NonFiniteLossError
+from lightning_hessian.operators._backend import Backend, BackendSelector, check_backend
 from lightning_hessian.operators._batches import (
     BatchLossFn,
     LossFn,
@@ -25,6 +26,12 @@ from lightning_hessian.operators._products import CompiledProducts, DoubleBackwa
 from lightning_hessian.operators._session import ProductSession
 from lightning_hessian.operators._state import _analysis_mode, preserved_model_state
 from lightning_hessian.operators.base import _check_matrix, _matvec_via_matmat
+from lightning_hessian.operators.finite_difference import (
+    FiniteDifferenceState,
+    central_difference_products,
+    fd_relative_error,
+    unit_columns,
+)
 
 __all__ = ["Backend", "HessianOperator"]
 
@@ -69,7 +76,22 @@ class HessianOperator:
             number of valid tokens, e.g. ``lambda b: (b[1] != -100).sum()``, so that ``H`` is the
             Hessian of the token mean over the whole data set. A batch of weight 0 is skipped.
         backend: ``"auto"`` (the faster path per width, by measurement; fallback to double
-            backward), ``"func"`` (forward-over-reverse) or ``"autograd"`` (double backward).
+            backward, and to finite differences with a warning where both AD paths fail),
+            ``"func"`` (forward-over-reverse), ``"autograd"`` (double backward) or
+            ``"finite_difference"``: central differences of first-order gradients through the
+            model's own forward and backward, :math:`Hv \approx (\nabla L(\theta + \varepsilon u)
+            - \nabla L(\theta - \varepsilon u)) \|v\| / (2\varepsilon)` with :math:`u = v/\|v\|`,
+            2 gradients per vector, for models the AD paths cannot differentiate twice (fused
+            attention kernels are then kept, checkpointed and compiled modules work); see
+            :mod:`~lightning_hessian.operators.finite_difference` for the step, the error and
+            :attr:`fd_error_estimate`.
+        fd_step: With ``backend="finite_difference"``, the perturbation length
+            :math:`\varepsilon` (default: :math:`2\epsilon^{1/3}\max(1, \mathrm{rms}(\theta))`
+            for the products' machine epsilon :math:`\epsilon`, from the parameters at the first
+            product).
+        fd_richardson: With ``backend="finite_difference"``, Richardson-extrapolated products
+            :math:`(4D_\varepsilon - D_{2\varepsilon})/3` (error :math:`O(\varepsilon^4)`,
+            4 gradients per vector instead of 2).
         train_mode_batchnorm: Use batch statistics in BatchNorm layers (running stats untouched).
         func_min_vectors: With ``backend="auto"``, a fixed rule instead of the measurement:
             products of fewer vectors than this use double backward, wider ones the vmapped
@@ -146,6 +168,8 @@ class HessianOperator:
         cache_batches: bool = True,
         max_cache_bytes: int = 1 << 30,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
+        fd_step: float | None = None,
+        fd_richardson: bool = False,
         compile: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -201,7 +225,14 @@ class HessianOperator:
         for numel in self._numels:
             self._offsets.append(self._offsets[-1] + numel)
         self._device = torch.device(device) if device is not None else self._params[0].device
-        self._selector = BackendSelector(backend, func_min_vectors, backend_choices, device=self._device)
+        check_backend(backend)
+        self._fd = FiniteDifferenceState(fd_step, fd_richardson) if backend == "finite_difference" else None
+        if backend != "finite_difference" and (fd_step is not None or fd_richardson):
+            raise ValueError("`fd_step` / `fd_richardson` need backend='finite_difference'.")
+        self._fd_fallback = FiniteDifferenceState() if backend == "auto" else None  # where both AD paths fail
+        self._selector = BackendSelector(
+            "auto" if self._fd is not None else backend, func_min_vectors, backend_choices, device=self._device
+        )
         self._wrapper = _LossModule(model, loss_fn, batch_loss)
         self._compiler = CompiledProducts(self._wrapper, self._names, max_batched_vectors) if compile else None
         if self.compute_dtype is None and self._params[0].dtype in _HALF_DTYPES:
@@ -302,7 +333,9 @@ class HessianOperator:
 
     @property
     def backend(self) -> str:
-        """The HVP path of the latest product: ``"func"``, ``"autograd"``, or ``"auto"`` before any."""
+        """The HVP path of the latest product: "func", "autograd", "finite_difference"; "auto" before any."""
+        if self._fd is not None:
+            return "finite_difference"
         if self._selector.last is None:
             return self._requested
         return self._selector.last
@@ -320,6 +353,26 @@ class HessianOperator:
     def backend_timings(self) -> dict[int, dict[str, float]]:
         """Seconds each path took on the first micro-batch of each measured width."""
         return {k: dict(v) for k, v in self._selector.timings.items()}
+
+    @property
+    def fd_step(self) -> float | None:
+        """Finite differences: the perturbation length :math:`\varepsilon` in use (``None``: not yet set, or AD)."""
+        return None if self._fd is None else self._fd.step
+
+    @property
+    def fd_error_estimate(self) -> float:
+        r"""Finite differences: measured relative error of the products (NaN before the first, or AD).
+
+        :math:`\|S_\varepsilon v - S_{2\varepsilon} v\| / \|S_\varepsilon v\|` for the first
+        nonzero vector of the first product (two extra gradients, once): a conservative estimate
+        of the products' relative error (see :mod:`~lightning_hessian.operators.finite_difference`).
+        """
+        return math.nan if self._fd is None else self._fd.error_estimate
+
+    @property
+    def num_gradients(self) -> int:
+        """Finite differences: gradient evaluations so far, over all micro-batches (0 for AD)."""
+        return 0 if self._fd is None else self._fd.num_gradients
 
     def reset_num_hvps(self) -> None:
         """Set :attr:`num_hvps` back to zero."""
@@ -434,12 +487,83 @@ class HessianOperator:
         ]
         return out, loss.detach()
 
-    def _batch_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        return self._selector.run(
-            tangents[0].shape[0],
-            lambda: self._func_hvp(batch, tangents),
-            lambda: self._autograd_hvp(batch, tangents),
+    def _fd_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Finite-difference HVP of one batch (the last column at step 2ε while checking)."""
+        fd = self._fd
+        assert fd is not None
+        if self.compute_dtype is None or self.compute_dtype == self._params[0].dtype:
+            params: list[Tensor] = list(self._params)  # the model's own parameters, perturbed in place
+            loss_of: Callable[[Any], Tensor] = self._wrapper  # a block perturbs its own parameters only
+        else:  # cast copies (compute_dtype), through functional_call; the model is not touched
+            constants, batch = self._compute_dtype_inputs(batch)
+            params = [p.detach().to(self.compute_dtype).requires_grad_(True) for p in self._params]
+            loss_of = self._functional_loss(constants, params)
+
+        def grad_fn() -> tuple[Sequence[Tensor | None], Tensor]:
+            # torch.autograd.grad: writes no .grad, fires no gradient-accumulation hooks
+            loss = loss_of(batch)
+            if not fd.use_backward:
+                try:
+                    return torch.autograd.grad(loss, params, allow_unused=True), loss.detach()
+                except RuntimeError as err:
+                    if not _needs_backward(err):
+                        raise
+                fd.use_backward = True
+                loss = loss_of(batch)
+            return _backward_gradients(self.model, loss, params), loss.detach()
+
+        units, norms = unit_columns(tangents)
+        step = fd.resolve_step(self._params, self.dtype)
+        k = len(norms) - int(fd.checking)
+        result = central_difference_products(params, [u[:k] for u in units], grad_fn, step, richardson=fd.richardson)
+        products, spent = result.products, result.num_gradients
+        if fd.checking:
+            wide = central_difference_products(
+                params, [u[k:] for u in units], grad_fn, 2 * step, richardson=fd.richardson
+            )
+            products = [torch.cat([p, w]) for p, w in zip(products, wide.products, strict=True)]
+            spent += wide.num_gradients
+        fd.num_gradients += spent
+        scale = norms.to(products[0].device)
+        return [p * scale.view(-1, *([1] * (p.ndim - 1))) for p in products], result.loss
+
+    def _functional_loss(self, constants: dict[str, Tensor], params: list[Tensor]) -> Callable[[Any], Tensor]:
+        names = self._names
+        return lambda batch: torch.func.functional_call(
+            self._wrapper, {**constants, **dict(zip(names, params, strict=True))}, (batch,)
         )
+
+    def _batch_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        if self._fd is not None:
+            return self._fd_hvp(batch, tangents)
+        try:
+            return self._selector.run(
+                tangents[0].shape[0],
+                lambda: self._func_hvp(batch, tangents),
+                lambda: self._autograd_hvp(batch, tangents),
+            )
+        except (RuntimeError, NotImplementedError) as err:
+            if self._fd_fallback is None or isinstance(err, HessianComputationError):
+                raise
+            return self._fall_back_to_fd(err, batch, tangents)
+
+    def _fall_back_to_fd(self, err: BaseException, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """``backend="auto"`` where both AD paths failed: finite differences from now on, with a warning."""
+        self._fd, self._fd_fallback = self._fd_fallback, None
+        try:
+            result = self._fd_hvp(batch, tangents)
+        except Exception:  # noqa: BLE001 - the AD error is the one to report
+            self._fd_fallback, self._fd = self._fd, None
+            raise err from None
+        warnings.warn(
+            "Neither forward-over-reverse nor double backward can differentiate this model twice "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); falling back to "
+            "finite differences of gradients (2 gradients per product, ~1e-4 relative error in float32; "
+            "see HessianOperator.fd_error_estimate). Pass backend='finite_difference' to silence this warning.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return result
 
     # ------------------------------------------------------------------ products
 
@@ -469,7 +593,9 @@ class HessianOperator:
     def _guarded(self) -> contextlib.ExitStack[bool | None]:
         stack = contextlib.ExitStack()
         stack.enter_context(preserved_model_state(self.model))
-        stack.enter_context(_analysis_mode(self.model, self.train_mode_batchnorm))
+        # finite differences run the model's own (fused) attention kernels; AD needs the math kernel
+        math_attention = self._fd is None
+        stack.enter_context(_analysis_mode(self.model, self.train_mode_batchnorm, math_attention=math_attention))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast(device_type=self.device.type, enabled=False))
@@ -523,7 +649,10 @@ class HessianOperator:
         _check_matrix(matrix, self.num_params)
         if matrix.shape[1] == 0:
             return matrix.new_zeros((self.num_params, 0), device=self.device)
-        result, _ = self._products(matrix)
+        if self._fd is not None and self._fd.checking is False and math.isnan(self._fd.error_estimate):
+            result = self._fd_checked_products(matrix)
+        else:
+            result, _ = self._products(matrix)
         self._num_hvps += matrix.shape[1]
         if not torch.isfinite(result).all():
             raise NonFiniteHVPError(
@@ -531,6 +660,21 @@ class HessianOperator:
                 "(overflow in the model's dtype?)."
             )
         return result.to(matrix.dtype if torch.is_floating_point(matrix) else torch.float64)
+
+    def _fd_checked_products(self, matrix: Tensor) -> Tensor:
+        """The first finite-difference product, with the error estimate on its first nonzero column."""
+        assert self._fd is not None
+        nonzero = (matrix != 0).any(dim=0).nonzero()
+        if nonzero.numel() == 0:
+            return self._products(matrix)[0]
+        j = int(nonzero[0, 0])
+        self._fd.checking = True
+        try:
+            extended, _ = self._products(torch.cat([matrix, matrix[:, j : j + 1]], dim=1))
+        finally:
+            self._fd.checking = False
+        self._fd.error_estimate = fd_relative_error(extended[:, j], extended[:, -1])
+        return extended[:, :-1]
 
     def matvec(self, vector: Tensor) -> Tensor:
         """Product ``H @ v`` for a flat vector ``v`` of length :attr:`num_params`."""
@@ -555,3 +699,27 @@ class HessianOperator:
             f"{type(self).__name__}(num_params={self.num_params}, device={self.device}, "
             f"dtype={self.dtype}, backend={self.backend!r}, train_mode_batchnorm={self.train_mode_batchnorm})"
         )
+
+
+def _backward_gradients(model: nn.Module, loss: Tensor, params: Sequence[Tensor]) -> list[Tensor | None]:
+    """``d loss / d params`` read from ``.grad`` after ``loss.backward()``; every ``.grad`` as found.
+
+    For reentrant activation checkpointing (``use_reentrant=True``, e.g. Hugging Face's default),
+    which supports only ``.backward()``: every parameter's ``.grad`` object is swapped out before
+    and put back after (gradient-accumulation hooks registered on the parameters do fire).
+    """
+    seen = {id(p) for p in model.parameters()}
+    saved = [(p, p.grad) for p in [*model.parameters(), *(q for q in params if id(q) not in seen)]]
+    for p, _ in saved:
+        p.grad = None
+    try:
+        loss.backward()
+        return [p.grad for p in params]
+    finally:
+        for p, grad in saved:
+            p.grad = grad
+
+
+def _needs_backward(err: RuntimeError) -> bool:
+    """The error of ``torch.autograd.grad`` through reentrant checkpointing (only ``.backward()`` works)."""
+    return "checkpoint" in str(err).lower() and "backward" in str(err).lower()
