@@ -322,7 +322,7 @@ def profile_single(op: HessianOperator, mat: Tensor, calls: int = 40) -> None:
 # ----------------------------------------------------------------------------------------------
 
 PRODUCT_TARGETS = {"digits MLP": 2.0, "small CNN+BN": 2.0, "HF GPT-2 tiny": 2.5, "ViT tiny": 2.5}
-PRODUCT_BACKENDS = ("func", "autograd")
+PRODUCT_BACKENDS = ("func", "autograd", "finite_difference")
 
 
 @dataclass

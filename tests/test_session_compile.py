@@ -217,3 +217,18 @@ def test_compile_does_not_hide_a_genuine_error_of_the_loss():
     op = HessianOperator(model, data=data, batch_loss=bad_loss, backend="func", compile=True)
     with pytest.raises(ValueError, match="broken user loss"):
         op.matmat(_matrix(op.num_params, 1))
+
+
+@pytest.mark.slow
+def test_compiled_finite_difference_gradients_match_eager_finite_differences():
+    model, data = _tiny()
+    H = exact_hessian(model, data)
+    eager = HessianOperator(model, F.cross_entropy, data, backend="finite_difference")
+    compiled = HessianOperator(model, F.cross_entropy, data, backend="finite_difference", compile=True)
+    V = _matrix(eager.num_params, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = compiled.matmat(V)
+    assert compiled._compiler is not None and not compiled._compiler.failed
+    assert "gradient" in compiled._compiler._compiled  # the compiled gradient was used
+    assert _rel(got, eager.matmat(V)) < 1e-4 and _rel(got, H @ V) < 1e-3

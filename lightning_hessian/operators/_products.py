@@ -103,6 +103,26 @@ def reverse_products(
     return list(hvps), losses.reshape(-1)[0]
 
 
+def loss_gradient(
+    wrapper: nn.Module,
+    names: Sequence[str],
+    primals: tuple[Tensor, ...],
+    constants: dict[str, Tensor],
+    batch: Any,
+    tangents: tuple[Tensor, ...],
+    chunk_size: int | None,
+) -> Products:
+    r"""The batch loss's gradient at ``primals`` (``torch.func.grad``; ``tangents`` unused).
+
+    What finite differences evaluate twice per vector, at :math:`\theta \pm \varepsilon u`.
+    """
+    grads, loss = torch.func.grad(_loss_with_aux(wrapper, names, constants, batch), has_aux=True)(primals)
+    return list(grads), loss
+
+
+_EAGER: dict[str, Callable[..., Products]] = {}
+
+
 class DoubleBackward:
     """Second backward passes of a gradient with ``create_graph=True``: looped, or batched.
 
@@ -199,9 +219,10 @@ class DoubleBackward:
 class CompiledProducts:
     """``torch.compile`` of the per-batch product functions, with an eager fallback per path.
 
-    Each path (``"func"``: :func:`func_products`, ``"autograd"``: :func:`reverse_products`) is
-    compiled once (``fullgraph=True``: a graph break is a failure, not a silent partial
-    compilation); torch recompiles it for new shapes and vector counts as usual. Where a compiled
+    Each path (``"func"``: :func:`func_products`, ``"autograd"``: :func:`reverse_products`,
+    ``"gradient"``: :func:`loss_gradient`, for finite differences) is compiled once
+    (``fullgraph=True``: a graph break is a failure, not a silent partial compilation); torch
+    recompiles it for new shapes and vector counts as usual. Where a compiled
     call raises and the eager call of the same inputs succeeds, compilation is abandoned for that
     path, with one ``RuntimeWarning`` naming the cause; where the eager call raises too, its error
     is the one raised (a genuine failure of the product, not of the compiler).
@@ -217,8 +238,7 @@ class CompiledProducts:
 
     def _function(self, path: str) -> Callable[..., Products]:
         if path not in self._compiled:
-            eager = func_products if path == "func" else reverse_products
-            self._compiled[path] = torch.compile(eager, fullgraph=True)
+            self._compiled[path] = torch.compile(_EAGER[path], fullgraph=True)
         return self._compiled[path]
 
     def run(
@@ -236,8 +256,7 @@ class CompiledProducts:
         try:
             return self._function(path)(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
-            eager = func_products if path == "func" else reverse_products
-            result = eager(*args)  # raises the product's own error where the eager path fails too
+            result = _EAGER[path](*args)  # raises the product's own error where the eager path fails too
             self._abandon(path, err)
             return result
 
@@ -255,3 +274,6 @@ class CompiledProducts:
             )
         else:
             logger.info("HessianOperator(compile=True): the %r product runs eagerly (%s).", path, self.failed[path])
+
+
+_EAGER.update(func=func_products, autograd=reverse_products, gradient=loss_gradient)

@@ -499,7 +499,13 @@ class HessianOperator:
             params = [p.detach().to(self.compute_dtype).requires_grad_(True) for p in self._params]
             loss_of = self._functional_loss(constants, params)
 
+        compiled_grad = self._compiled_gradient(batch, params)
+
         def grad_fn() -> tuple[Sequence[Tensor | None], Tensor]:
+            if compiled_grad is not None and not fd.use_backward:
+                result = compiled_grad()
+                if result is not None:
+                    return result
             # torch.autograd.grad: writes no .grad, fires no gradient-accumulation hooks
             loss = loss_of(batch)
             if not fd.use_backward:
@@ -526,6 +532,17 @@ class HessianOperator:
         fd.num_gradients += spent
         scale = norms.to(products[0].device)
         return [p * scale.view(-1, *([1] * (p.ndim - 1))) for p in products], result.loss
+
+    def _compiled_gradient(
+        self, batch: Any, params: Sequence[Tensor]
+    ) -> Callable[[], tuple[list[Tensor], Tensor] | None] | None:
+        """With ``compile=True``: the compiled gradient at the current (perturbed) ``params``, else ``None``."""
+        compiler = self._compiler
+        if compiler is None or "gradient" in compiler.failed:
+            return None
+        primals = tuple(p.detach() for p in params)  # share storage: they follow the in-place perturbations
+        constants, cast_batch = self._compute_dtype_inputs(batch)
+        return lambda: compiler.run("gradient", primals, constants, cast_batch, ())
 
     def _functional_loss(self, constants: dict[str, Tensor], params: list[Tensor]) -> Callable[[Any], Tensor]:
         names = self._names
