@@ -318,6 +318,101 @@ def profile_single(op: HessianOperator, mat: Tensor, calls: int = 40) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# 1b. product cost per backend: digits models and transformers (tiny HF GPT-2, tiny ViT)
+# ----------------------------------------------------------------------------------------------
+
+PRODUCT_TARGETS = {"digits MLP": 2.0, "small CNN+BN": 2.0, "HF GPT-2 tiny": 2.5, "ViT tiny": 2.5}
+PRODUCT_BACKENDS = ("func", "autograd", "finite_difference")
+
+
+@dataclass
+class ProductModel:
+    name: str
+    model: nn.Module
+    batches: list[Any]
+    kwargs: dict[str, Any]  # loss_fn= or batch_loss= for HessianOperator
+    loss: Callable[[], Tensor]  # the mean loss over the batches (for the reference gradient)
+
+
+def product_models(names: list[str], cases: list[Case]) -> list[ProductModel]:
+    """The models of section [1b]: the digits cases already built, and the transformers."""
+    from _models import gpt2_tiny, transformers_version, vit_tiny
+
+    out = [
+        ProductModel(c.name, c.model, c.data, {"loss_fn": F.cross_entropy}, lambda c=c: mean_loss(c.model, c.data))
+        for c in cases
+    ]
+    for name in names:
+        if name == "gpt2" and transformers_version() is None:
+            print("[1b] HF GPT-2 tiny skipped: transformers is not installed")
+            continue
+        if name not in ("gpt2", "vit"):
+            continue
+        model, batches, batch_loss = gpt2_tiny() if name == "gpt2" else vit_tiny()
+
+        def loss(model: nn.Module = model, batches: list[Any] = batches, batch_loss: Any = batch_loss) -> Tensor:
+            return sum(batch_loss(model, b) for b in batches) / len(batches)
+
+        out.append(
+            ProductModel(
+                "HF GPT-2 tiny" if name == "gpt2" else "ViT tiny", model, batches, {"batch_loss": batch_loss}, loss
+            )
+        )
+    return out
+
+
+def product_cost_section(pm: ProductModel, rounds: int, compiled: bool) -> dict[str, float]:
+    """``matmat`` of 1 and 10 vectors per backend (inside a session, and 10 outside), in gradients per vector."""
+    params = [p for p in pm.model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    gen = torch.Generator().manual_seed(0)
+    mats = {k: torch.randn((n, k), generator=gen, dtype=torch.float64) for k in (1, 10)}
+    stack = contextlib.ExitStack()
+    cases: dict[str, Callable[[], object]] = {"grad": lambda: torch.autograd.grad(pm.loss(), params)}
+    labels: list[tuple[str, int]] = []
+    first_call: dict[str, float] = {}
+    variants = [(b, False) for b in PRODUCT_BACKENDS] + ([(b, True) for b in PRODUCT_BACKENDS] if compiled else [])
+    for backend, compile_ in variants:
+        op = HessianOperator(pm.model, data=pm.batches, backend=backend, compile=compile_, **pm.kwargs)  # type: ignore[arg-type]
+        tag = backend + (" compiled" if compile_ else "")
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            op.matmat(mats[10])
+            op.matmat(mats[1])
+        first_call[tag] = time.perf_counter() - start
+        if not compile_:
+            outside = HessianOperator(pm.model, data=pm.batches, backend=backend, **pm.kwargs)  # type: ignore[arg-type]
+            outside.matmat(mats[10])
+            cases[f"{tag}, 10, no session"] = lambda op=outside: op.matmat(mats[10])
+            labels.append((f"{tag}, 10, no session", 10))
+        stack.enter_context(op.session())
+        for k in (1, 10):
+            cases[f"{tag}, {k}"] = lambda op=op, k=k: op.matmat(mats[k])
+            labels.append((f"{tag}, {k}", k))
+    with stack:
+        times = interleaved_times(cases, rounds=rounds)
+    g = times["grad"]
+    target = PRODUCT_TARGETS.get(pm.name, 2.0)
+    print(
+        f"\n[1b] product cost, {pm.name} (n={n:,}, {len(pm.batches)} micro-batch(es)), "
+        f"median of {rounds} interleaved rounds"
+    )
+    print(f"    one gradient of the mean loss: {g * 1e3:.3f} ms; target: 10 vectors <= {target}x a gradient each")
+    print(f"    {'backend, vectors':<34} {'ms/call':>10} {'HVP/grad':>9}")
+    ratios = {}
+    for label, k in labels:
+        ratios[label] = times[label] / k / g
+        mark = "" if k != 10 or "no session" in label else ("  met" if ratios[label] <= target else "  NOT")
+        print(f"    {label:<34} {times[label] * 1e3:>10.3f} {ratios[label]:>8.2f}x{mark}")
+    print(
+        "    first products (10 + 1 vectors, incl. backend/batched-form measurement, compilation): "
+        + ", ".join(f"{tag} {sec:.2f} s" for tag, sec in first_call.items())
+    )
+    return ratios
+
+
+# ----------------------------------------------------------------------------------------------
 # 2. estimators
 # ----------------------------------------------------------------------------------------------
 
@@ -886,6 +981,22 @@ def pipeline_section(case: Case, libs: dict[str, Library], seeds: int) -> list[s
 # ----------------------------------------------------------------------------------------------
 
 
+def products_summary(cases: list[Case], args: argparse.Namespace, rounds: int) -> list[str]:
+    """Section [1b] for every model; one summary line each."""
+    lines = []
+    names = [m.strip() for m in args.product_models.split(",") if m.strip()]
+    for pm in product_models(names, cases):
+        ratios = product_cost_section(pm, rounds, args.compile)
+        target = PRODUCT_TARGETS.get(pm.name, 2.0)
+        best = min((v, k) for k, v in ratios.items() if k.endswith(", 10"))
+        lines.append(
+            f"[PRODUCTS {pm.name}] matmat of 10 <= {target}x a gradient per vector: "
+            f"{'MET' if best[0] <= target else 'NOT MET'} (best {best[1]} {best[0]:.2f}x); "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fast smoke run (fewer rounds and seeds)")
@@ -899,7 +1010,13 @@ def main() -> None:
     parser.add_argument("--density-runs", type=int, default=3, help="our SLQ runs (default: the library default 3)")
     parser.add_argument("--no-baselines", action="store_true", help="do not import the comparison libraries")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile of the single-vector HVP")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: hvp,trace,eigen,density,pipeline")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated sections to skip: hvp,products,trace,eigen,density,pipeline"
+    )
+    parser.add_argument(
+        "--product-models", default="gpt2,vit", help="transformers in [1b] besides the digits models: gpt2,vit"
+    )
+    parser.add_argument("--compile", action="store_true", help="[1b]: also the compile=True products (minutes)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -934,6 +1051,8 @@ def main() -> None:
         )
 
     summary: list[str] = []
+    if "products" not in skip:
+        summary.extend(products_summary(cases, args, rounds))
     for case in cases:
         if "hvp" not in skip:
             g, rows = hvp_section(case, rounds, profile=not args.no_profile and case.name == "digits MLP")

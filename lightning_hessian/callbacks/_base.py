@@ -27,6 +27,7 @@ from lightning_hessian.callbacks._analysis_set import (
     _plain_dataloader,
 )
 from lightning_hessian.callbacks._blame import data_fault, describe_batch
+from lightning_hessian.callbacks._cost import CostProjection, check_against_epoch, report_projection
 from lightning_hessian.callbacks._honesty import check_analysis_size
 from lightning_hessian.callbacks._isolation import isolated_training_state
 from lightning_hessian.callbacks._logging import ArtifactPublisher
@@ -206,6 +207,7 @@ class CurvatureCallback(InterruptibleEvaluations, Callback):
         self._publisher = ArtifactPublisher(type(self).__name__)
         self._epoch_start: float | None = None
         self._last_batch_end: float | None = None
+        self._projection: CostProjection | None = None  # the dry run's projection of one evaluation
 
     # ------------------------------------------------------------------ lightning hooks
 
@@ -272,6 +274,9 @@ class CurvatureCallback(InterruptibleEvaluations, Callback):
         return {"every_n_epochs": self.every_n_epochs}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._projection is not None and not self._projection.epoch_checked and self._epoch_start is not None:
+            end = self._last_batch_end if self._last_batch_end is not None else self._timer()
+            check_against_epoch(self._projection, end - self._epoch_start, trainer.is_global_zero)
         if self._active(trainer) and self.schedule.due_at_epoch_end(trainer.current_epoch):
             self._run_scheduled(trainer, pl_module)
 
@@ -514,6 +519,8 @@ class CurvatureCallback(InterruptibleEvaluations, Callback):
                 f"{type(self).__name__}: the dry run failed on another process (its error is "
                 "raised there); fix the configuration named in that message."
             )
+        if failure is None:
+            report_projection(self._projection, trainer.is_global_zero)
         if failure is not None:
             note = self._dry_run_note(failure)
             if hasattr(failure, "add_note"):  # Python >= 3.11

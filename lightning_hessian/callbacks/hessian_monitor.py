@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_hessian.callbacks._analysis_set import DEFAULT_MAX_ANALYSIS_BYTES
 from lightning_hessian.callbacks._base import CurvatureCallback, default_classification_loss
+from lightning_hessian.callbacks._cost import CostProjection, analysis_scale
 from lightning_hessian.callbacks._curvature_views import CurvatureViews
 from lightning_hessian.callbacks._honesty import (
     TOP_EIGENVALUE_RTOL,
@@ -200,8 +201,10 @@ class HessianMonitor(CurvatureCallback):
         on_error: ``"warn"`` (default): an exception in a scheduled evaluation gives a warning
             naming its type and message, NaN metrics for that evaluation, and training continues;
             ``"raise"``: it propagates. Configuration errors always raise before the first
-            training step (the dry run at ``on_train_start``: analysis set, loss and one HVP on
-            one analysis micro-batch).
+            training step (the dry run at ``on_train_start``: analysis set, loss and two products
+            of ``num_runs`` vectors on one analysis micro-batch, the second timed: the projected
+            cost of one evaluation is logged at INFO after the dry run and, in training epochs,
+            after the first epoch; above 5 epochs a warning names the arguments that lower it).
         progress_bar: Show a tqdm bar over the Lanczos HVPs of evaluations that last more than 2 s
             (rank zero). Every evaluation also logs one INFO record on the ``lightning_hessian``
             logger, e.g. ``HessianMonitor epoch 3: 120 HVPs in 4.2 s (0.8x the epoch)``.
@@ -218,6 +221,10 @@ class HessianMonitor(CurvatureCallback):
             analyse (a checkpoint written at the interruption, e.g. by ``OnExceptionCheckpoint``),
             with its epoch/step; ``"warn"`` only warns, naming it. Evaluations skipped by
             ``max_overhead`` or failed are named in a warning after a resume.
+        compile: ``torch.compile`` the per-micro-batch products
+            (:class:`~lightning_hessian.HessianOperator`'s ``compile``): the dry run and the first
+            evaluation pay the compilation; where it fails the products run eagerly, with one
+            warning.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -267,6 +274,7 @@ class HessianMonitor(CurvatureCallback):
         progress_bar: bool = False,
         max_analysis_bytes: int = DEFAULT_MAX_ANALYSIS_BYTES,
         resume_missed: Literal["rerun", "warn"] = "rerun",
+        compile: bool = False,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -327,6 +335,9 @@ class HessianMonitor(CurvatureCallback):
         if hvp_backend not in BACKENDS:
             raise ValueError(f"`hvp_backend` must be one of {', '.join(map(repr, BACKENDS))}, got {hvp_backend!r}.")
         self.hvp_backend = hvp_backend
+        if not isinstance(compile, bool):
+            raise TypeError(f"`compile` must be True or False, got {compile!r}.")
+        self.compile = compile
         self.fd_step = check_fd_step(fd_step)
         if fd_step is not None and hvp_backend != "finite_difference":
             raise ValueError("`fd_step` needs hvp_backend='finite_difference'.")
@@ -398,6 +409,7 @@ class HessianMonitor(CurvatureCallback):
             compute_dtype=torch.float64 if self.hvp_precision == "float64" else None,
             backend=self.hvp_backend,
             backend_choices=self.backend_choices,
+            compile=self.compile,
             **self._loss_kwargs(),
         )
         if self.hvp_backend == "finite_difference":
@@ -466,8 +478,23 @@ class HessianMonitor(CurvatureCallback):
         op = self._operator(pl_module, [batch], None)
         op.loss()
         generator = torch.Generator().manual_seed(self.seed)
-        probe = (torch.randint(0, 2, (op.num_params,), generator=generator) * 2 - 1).to(torch.float64)
-        op.matvec(probe.to(op.device))
+        # products as wide as the evaluation's (one Lanczos vector per run): the first pays the
+        # backend measurement (and compilation), the second is timed for the cost projection
+        probes = (torch.randint(0, 2, (op.num_params, self.num_runs), generator=generator) * 2 - 1).to(torch.float64)
+        with op.session():
+            op.matmat(probes.to(op.device))
+            start = self._timer()
+            op.matmat(probes.to(op.device))
+            seconds_per_hvp = (self._timer() - start) / self.num_runs
+        self._projection = CostProjection(
+            type(self).__name__,
+            units=self.num_runs * self.num_steps,
+            unit="HVPs",
+            seconds_per_unit=seconds_per_hvp * analysis_scale(op.batch_size_fn, batch, data),
+            knobs="evaluate less often (every_n_epochs / every_n_train_steps), analyse fewer samples "
+            "(max_samples), take fewer Lanczos steps (num_steps), or cap the share of training time (max_overhead)",
+            note="plus the products of blocks/preconditioned views, if any",
+        )
 
     # ------------------------------------------------------------------ computation
 
@@ -482,6 +509,15 @@ class HessianMonitor(CurvatureCallback):
         ):  # once: a summed loss scales the Hessian by the batch size
             self._reduction_checked = True
             check_operator_loss_reduction(op)
+        # one session: the state snapshot, contexts and casts once for all of the evaluation's products
+        with op.session():
+            values, sd = self._estimate(trainer, op)
+        values["num_hvps"] = float(op.num_hvps) + self.views.extra_hvps
+        values["seconds"] = self._timer() - start
+        return values, sd
+
+    def _estimate(self, trainer: pl.Trainer, op: HessianOperator) -> tuple[dict[str, float], SpectralDensity]:
+        """The density and the views' values, inside the evaluation's session."""
         probe_seed = self.seed + (self._now(trainer)[0] if self.resample_probes else 0)
         with self._progress(trainer, self.num_runs * self._steps, "HVP") as advance:
             sd = spectral_density(
@@ -513,11 +549,9 @@ class HessianMonitor(CurvatureCallback):
         for i in range(1, self.top_k):
             values[f"top_eigenvalue_{i + 1}"] = float(top_values[i]) if i < top_values.numel() else math.nan
         values.update(self.views.compute(op, trainer.optimizers, values["top_eigenvalue"]))
-        values["num_hvps"] = float(op.num_hvps) + self.views.extra_hvps
         if op.backend == "finite_difference":  # forced, or the fallback of "auto"
             values["fd_rel_error"] = op.fd_error_estimate
             values["fd_step"] = op.fd_step if op.fd_step is not None else math.nan
-        values["seconds"] = self._timer() - start
         return values, sd
 
     def _nan_values(self, seconds: float) -> dict[str, float]:

@@ -19,6 +19,7 @@ from lightning_hessian.callbacks._analysis_set import (
     _plain_dataloader,
 )
 from lightning_hessian.callbacks._base import CurvatureCallback
+from lightning_hessian.callbacks._cost import analysis_scale, volume_cost_projection
 from lightning_hessian.callbacks._logging import Histogram
 from lightning_hessian.callbacks._sharding import is_sharded, sharded_options_error
 from lightning_hessian.optim_state import param_groups, unwrap_optimizer
@@ -549,10 +550,19 @@ class LocalVolumeMonitor(CurvatureCallback):
         # The Gaussian measure: the Lebesgue one's flat-coordinate check is a property of the whole
         # analysis set (one micro-batch would flag spurious flat coordinates) and costs passes.
         kwargs.update(measure="gaussian", prior_std=kwargs.get("prior_std", 1.0))
+        start = self._timer()
         if sharded:
-            sharded_local_volume(pl_module, [batch], **kwargs)
+            est = sharded_local_volume(pl_module, [batch], **kwargs)
         else:
-            local_volume(pl_module, [batch], **kwargs)
+            est = local_volume(pl_module, [batch], **kwargs)
+        seconds = self._timer() - start
+        self._projection = volume_cost_projection(
+            type(self).__name__,
+            est.num_forward_passes,
+            seconds,
+            self.num_directions,
+            analysis_scale(self._batch_weight_fn() if self.cost == "loss" else None, batch, data),
+        )
 
     def _check_sharded(self, trainer: pl.Trainer, batch: Any) -> None:
         """FSDP2: the options the sharded estimator implements, and a micro-batch on every process."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["derivative_friendly_attention", "preserved_model_state"]
+__all__ = ["ModelSnapshot", "derivative_friendly_attention", "preserved_model_state"]
 
 
 def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
@@ -27,6 +27,56 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
 
 
+def _version(tensor: Tensor) -> int | None:
+    """``tensor``'s in-place version counter (``None`` for inference tensors, which have none)."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
+
+
+class ModelSnapshot:
+    """A model's train/eval flags, ``requires_grad`` flags, buffers and torch RNG, restorable.
+
+    Buffers are cloned once; :meth:`restore_buffers` copies back only those whose in-place
+    version counter moved (or, for inference tensors without a counter, whose values differ),
+    so that checking after every product of a session costs a few integer comparisons.
+    """
+
+    def __init__(self, model: nn.Module, *, buffers: bool = True) -> None:
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.buffers = (
+            [(b, b.detach().clone(), _version(b)) for b in model.buffers() if b is not None] if buffers else []
+        )
+        self.rng = _rng_state()
+
+    def restore_buffers(self, *, trust_versions: bool = False) -> None:
+        """Copy back every buffer written since the snapshot (a no-op when none was).
+
+        With ``trust_versions``, buffers whose version counter did not move are not compared
+        (a write through ``.data`` bypasses the counter: the final restore compares them all).
+        """
+        with torch.no_grad():
+            for index, (buf, saved, version) in enumerate(self.buffers):
+                if trust_versions and version is not None and _version(buf) == version:
+                    continue
+                if not torch.equal(buf, saved):
+                    buf.copy_(saved)
+                if version is not None:
+                    self.buffers[index] = (buf, saved, _version(buf))
+
+    def restore(self) -> None:
+        """Everything as at the snapshot."""
+        for module, training in self.modes:
+            module.training = training
+        for param, flag in self.flags:
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+        self.restore_buffers()
+        _set_rng_state(self.rng)
+
+
 @contextlib.contextmanager
 def preserved_model_state(model: nn.Module, *, buffers: bool = True) -> Iterator[None]:
     """Restore every module's train/eval flag, ``requires_grad`` flags, buffers and torch RNG.
@@ -34,23 +84,11 @@ def preserved_model_state(model: nn.Module, *, buffers: bool = True) -> Iterator
     Parameters and ``.grad`` are never written by the HVP code; buffers are restored anyway so
     that a user ``batch_loss`` that writes to them (or a BatchNorm in train mode) leaves no trace.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    saved_buffers = [(b, b.detach().clone()) for b in model.buffers() if b is not None] if buffers else []
-    rng = _rng_state()
+    snapshot = ModelSnapshot(model, buffers=buffers)
     try:
         yield
     finally:
-        for module, training in modes:
-            module.training = training
-        for param, flag in flags:
-            if param.requires_grad != flag:
-                param.requires_grad_(flag)
-        with torch.no_grad():
-            for buf, saved in saved_buffers:
-                if not torch.equal(buf, saved):
-                    buf.copy_(saved)
-        _set_rng_state(rng)
+        snapshot.restore()
 
 
 @contextlib.contextmanager

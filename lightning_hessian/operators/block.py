@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from lightning_hessian.operators._products import CompiledProducts, DoubleBackward
+
 __all__ = ["BlockSpec", "module_blocks", "parameter_blocks", "parameter_slices", "restricted_operator"]
 
 BlockSpec = str | Mapping[str, "Sequence[str] | str"]
@@ -88,14 +90,19 @@ def restricted_operator(op: _Op, param_names: Sequence[str] | str) -> _Op:
     # cast copies of buffers and frozen parameters.
     kept = set(block._names)  # type: ignore[attr-defined]
     frozen = [(name, p) for name, p in zip(op._names, op._params, strict=True) if name not in kept]  # type: ignore[attr-defined]
-    cast_inputs = block._compute_dtype_inputs  # type: ignore[attr-defined]
+    cast_constants = block._constants  # type: ignore[attr-defined]
 
-    def inputs_with_fixed_parameters(batch: Any) -> tuple[dict[str, Any], Any]:
-        constants, batch = cast_inputs(batch)
+    def constants_with_fixed_parameters() -> dict[str, Any]:
+        constants = cast_constants()
         fixed = {name: p.detach().to(block.dtype) for name, p in frozen if name not in constants}  # type: ignore[attr-defined]
-        return {**fixed, **constants}, batch
+        return {**fixed, **constants}
 
-    block._compute_dtype_inputs = inputs_with_fixed_parameters  # type: ignore[attr-defined]
+    block._constants = constants_with_fixed_parameters  # type: ignore[attr-defined]
+    # per-operator state that depends on the parameter list: not shared with the parent
+    block._session = None  # type: ignore[attr-defined]
+    block._double_backward = DoubleBackward()  # type: ignore[attr-defined]
+    if getattr(op, "_compiler", None) is not None:
+        block._compiler = CompiledProducts(block._wrapper, block._names, block.max_batched_vectors)  # type: ignore[attr-defined]
     return block
 
 

@@ -22,6 +22,8 @@ from lightning_hessian.operators._batches import (
     _move,
     _nbytes,
 )
+from lightning_hessian.operators._products import CompiledProducts, DoubleBackward, func_products
+from lightning_hessian.operators._session import ProductSession
 from lightning_hessian.operators._state import _analysis_mode, preserved_model_state
 from lightning_hessian.operators.base import _check_matrix, _matvec_via_matmat
 from lightning_hessian.operators.finite_difference import (
@@ -125,6 +127,17 @@ class HessianOperator:
             ``parameter_space(model_parameters)`` (:mod:`~lightning_hessian.operators.sharded_space`)
             to draw per-parameter probes, the same as an FSDP2 run of the model draws
             (:class:`~lightning_hessian.operators.sharded.ShardedHessianOperator`).
+        compile: ``torch.compile`` the per-batch product of each path (``fullgraph=True``):
+            forward-over-reverse as above, and double backward in its ``torch.func`` form
+            (``grad`` of :math:`\langle \nabla \ell, v \rangle`, one graph). The first product of each
+            shape and width pays the compilation (seconds to minutes); where compilation fails
+            (a graph break, no C++ compiler for inductor, ...) the path runs eagerly with one
+            ``RuntimeWarning``: never an error. See ``benchmarks/bench_compile.py`` for the gain.
+
+    Products of one evaluation can share their preparation: inside ``with op.session():`` the
+    state snapshot, the analysis mode and contexts, and the casts of parameters and constants are
+    done once instead of once per product (results are identical; parameters and buffers are
+    watched through their version counters, and buffers a product writes are restored after it).
 
     Raises:
         ValueError: ``data`` is empty, or the model has no trainable parameters.
@@ -168,6 +181,7 @@ class HessianOperator:
         vector_space: VectorSpace | None = None,
         fd_step: float | None = None,
         fd_richardson: bool = False,
+        compile: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -209,6 +223,9 @@ class HessianOperator:
         self._requested: Backend = backend
         self._cached: list[tuple[Any, float]] | None = None
         self._num_hvps = 0
+        self._session: ProductSession | None = None
+        self._double_backward = DoubleBackward()
+        self.compile = bool(compile)
 
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -232,6 +249,7 @@ class HessianOperator:
             "auto" if self._fd is not None else backend, func_min_vectors, backend_choices, device=self._device
         )
         self._wrapper = _LossModule(model, loss_fn, batch_loss)
+        self._compiler = CompiledProducts(self._wrapper, self._names, max_batched_vectors) if compile else None
         if self.compute_dtype is None and self._params[0].dtype in _HALF_DTYPES:
             # float16/bfloat16 products lose ~3 significant digits per HVP and overflow easily:
             # compute on float32 copies (the model itself is untouched).
@@ -254,18 +272,66 @@ class HessianOperator:
         """Dtype in which products are computed: ``compute_dtype`` or the parameters' own."""
         return self.compute_dtype if self.compute_dtype is not None else self._params[0].dtype
 
-    def _compute_dtype_inputs(self, batch: Any) -> tuple[dict[str, Tensor], Any]:
-        """With ``compute_dtype``: cast copies of buffers, frozen parameters and float inputs."""
+    def _constants(self) -> dict[str, Tensor]:
+        """With ``compute_dtype``: cast copies of buffers and frozen parameters (``{}`` otherwise)."""
         if self.compute_dtype is None:
-            return {}, batch
+            return {}
         dtype = self.compute_dtype
         trainable = set(self._names)
-        constants = {
+        return {
             f"model.{name}": t.detach().to(dtype)
             for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
             if f"model.{name}" not in trainable and t is not None and torch.is_floating_point(t)
         }
-        return constants, _cast_floats(batch, dtype)
+
+    def _prepared(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()``, once per session while the parameters and buffers are unchanged."""
+        return build() if self._session is None else self._session.cached(key, build)
+
+    def _compute_dtype_inputs(self, batch: Any) -> tuple[dict[str, Tensor], Any]:
+        """The constants of ``functional_call`` and the batch, in the products' dtype."""
+        constants = self._prepared("constants", self._constants)
+        return constants, batch if self.compute_dtype is None else _cast_floats(batch, self.compute_dtype)
+
+    def _primals(self) -> tuple[Tensor, ...]:
+        """The trainable parameters, detached, in the products' dtype."""
+        return cast(
+            "tuple[Tensor, ...]",
+            self._prepared("primals", lambda: tuple(p.detach().to(self.dtype) for p in self._params)),
+        )
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[HessianOperator]:
+        """Products inside share one preparation (state snapshot, contexts, casts): an evaluation.
+
+        Re-entrant (an inner ``session()`` is part of the outer one). The model is as found
+        when the outermost block exits; buffers written by a product are restored after it.
+        Parameters must not be modified in place inside a session by anything but the
+        operator itself (they are checked and the preparation is redone if they are).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from lightning_hessian import HessianOperator, top_eigenvalues
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+            >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+            >>> op = HessianOperator(model, nn.functional.cross_entropy, data)
+            >>> with op.session():
+            ...     values = top_eigenvalues(op, k=1).values
+        """
+        if self._session is not None:
+            yield self
+            return
+        with ProductSession(self) as session:
+            self._session = session
+            try:
+                yield self
+            finally:
+                self._session = None
+
+    def _product_guard(self) -> contextlib.AbstractContextManager[Any]:
+        """The full guard outside a session; inside, only the per-product buffer check."""
+        return self._guarded() if self._session is None else self._session.product()
 
     def _loss_of_batch(self, batch: Any) -> Tensor:
         """The mean loss of one batch in the products' dtype (cast copies with ``compute_dtype``)."""
@@ -394,60 +460,46 @@ class HessianOperator:
 
     def _func_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Forward-over-reverse HVP of one batch; tangents have a leading probe dimension."""
-        names = self._names
-        wrapper = self._wrapper
-        primals = tuple(p.detach().to(self.dtype) for p in self._params)
+        primals = self._primals()
         constants, batch = self._compute_dtype_inputs(batch)
-
-        def loss_and_aux(params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-            loss = torch.func.functional_call(wrapper, {**constants, **dict(zip(names, params, strict=True))}, (batch,))
-            return loss, loss.detach()
-
-        grad_fn = torch.func.grad(loss_and_aux, has_aux=True)
-
-        def hvp_one(tangent: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Tensor]:
-            # has_aux=True returns (out, tangent_out, aux); torch annotates jvp as a 2- or 3-tuple.
-            _, hvp, loss = cast("tuple[Any, Any, Any]", torch.func.jvp(grad_fn, (primals,), (tangent,), has_aux=True))
-            return hvp, loss
-
-        if tangents[0].shape[0] == 1:  # no vmap for a single vector (~20 % cheaper)
-            hvp, loss = hvp_one(tuple(t[0] for t in tangents))
-            return [h.unsqueeze(0) for h in hvp], loss
-        hvps, losses = torch.func.vmap(hvp_one, chunk_size=self.max_batched_vectors)(tuple(tangents))
-        return list(hvps), losses.reshape(-1)[0]
+        if self._compiler is not None:
+            compiled = self._compiler.run("func", primals, constants, batch, tuple(tangents))
+            if compiled is not None:
+                return compiled
+        return func_products(
+            self._wrapper, self._names, primals, constants, batch, tuple(tangents), self.max_batched_vectors
+        )
 
     def _autograd_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Double-backward HVP of one batch; tangents have a leading probe dimension."""
+        if self._compiler is not None:  # reverse-over-reverse in torch.func form: one compiled graph
+            constants, cast_batch = self._compute_dtype_inputs(batch)
+            compiled = self._compiler.run("autograd", self._primals(), constants, cast_batch, tuple(tangents))
+            if compiled is not None:
+                return compiled
         if self.compute_dtype is None or self.compute_dtype == self._params[0].dtype:
             params: Sequence[Tensor] = self._params
             loss = self._wrapper(batch)
         else:  # a cast copy of the parameters, differentiated through functional_call
-            params = [p.detach().to(self.compute_dtype).requires_grad_(True) for p in self._params]
+            params = self._prepared(
+                "leaves", lambda: [p.detach().to(self.compute_dtype).requires_grad_(True) for p in self._params]
+            )
             constants, batch = self._compute_dtype_inputs(batch)
             loss = torch.func.functional_call(
                 self._wrapper, {**constants, **dict(zip(self._names, params, strict=True))}, (batch,)
             )
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        pairs = [(g, p) for g, p in zip(grads, params, strict=True)]
-        used = [i for i, (g, _) in enumerate(pairs) if g is not None and g.requires_grad]
+        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         k = tangents[0].shape[0]
-        out = [torch.zeros((k, *p.shape), dtype=self.dtype, device=p.device) for p in params]
         if not used:
-            return out, loss.detach()
-        g_used = [grads[i] for i in used]
-        for start in range(0, k, self.max_batched_vectors or k):
-            stop = min(k, start + (self.max_batched_vectors or k))
-            for j in range(start, stop):
-                hv = torch.autograd.grad(
-                    g_used,
-                    params,
-                    grad_outputs=[tangents[i][j] for i in used],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-                for i, h in enumerate(hv):
-                    if h is not None:
-                        out[i][j] = h
+            return [torch.zeros((k, *p.shape), dtype=self.dtype, device=p.device) for p in params], loss.detach()
+        columns = self._double_backward.products(
+            [grads[i] for i in used], params, [tangents[i] for i in used], k, self.max_batched_vectors
+        )
+        out = [
+            torch.zeros((k, *p.shape), dtype=self.dtype, device=p.device) if c is None else c
+            for c, p in zip(columns, params, strict=True)
+        ]
         return out, loss.detach()
 
     def _fd_hvp(self, batch: Any, tangents: list[Tensor]) -> tuple[list[Tensor], Tensor]:
@@ -462,7 +514,13 @@ class HessianOperator:
             params = [p.detach().to(self.compute_dtype).requires_grad_(True) for p in self._params]
             loss_of = self._functional_loss(constants, params)
 
+        compiled_grad = self._compiled_gradient(batch, params)
+
         def grad_fn() -> tuple[Sequence[Tensor | None], Tensor]:
+            if compiled_grad is not None and not fd.use_backward:
+                result = compiled_grad()
+                if result is not None:
+                    return result
             # torch.autograd.grad: writes no .grad, fires no gradient-accumulation hooks
             loss = loss_of(batch)
             if not fd.use_backward:
@@ -489,6 +547,17 @@ class HessianOperator:
         fd.num_gradients += spent
         scale = norms.to(products[0].device)
         return [p * scale.view(-1, *([1] * (p.ndim - 1))) for p in products], result.loss
+
+    def _compiled_gradient(
+        self, batch: Any, params: Sequence[Tensor]
+    ) -> Callable[[], tuple[list[Tensor], Tensor] | None] | None:
+        """With ``compile=True``: the compiled gradient at the current (perturbed) ``params``, else ``None``."""
+        compiler = self._compiler
+        if compiler is None or "gradient" in compiler.failed:
+            return None
+        primals = tuple(p.detach() for p in params)  # share storage: they follow the in-place perturbations
+        constants, cast_batch = self._compute_dtype_inputs(batch)
+        return lambda: compiler.run("gradient", primals, constants, cast_batch, ())
 
     def _functional_loss(self, constants: dict[str, Tensor], params: list[Tensor]) -> Callable[[Any], Tensor]:
         names = self._names
@@ -565,7 +634,7 @@ class HessianOperator:
         return stack
 
     def _products(self, matrix: Tensor) -> tuple[Tensor, float]:
-        with self._guarded():
+        with self._product_guard():
             if self.all_reduce is None:
                 acc, weight, loss_sum = self._local_products(matrix)
             else:
@@ -655,7 +724,7 @@ class HessianOperator:
     def loss(self) -> float:
         """The size-weighted mean loss over ``data`` (one forward pass per batch, no HVP)."""
         total, weight = 0.0, 0.0
-        with self._guarded(), torch.no_grad():
+        with self._product_guard(), torch.no_grad():
             for batch, w in self._batches():
                 total += w * float(self._loss_of_batch(batch))
                 weight += w

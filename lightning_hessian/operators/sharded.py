@@ -339,6 +339,10 @@ class ShardedHessianOperator(_ShardedPasses):
     def backend_choices(self) -> dict[int, str]:
         return {}
 
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        """Same interface as :meth:`HessianOperator.session`; every sharded product restores its own state."""
+        return contextlib.nullcontext()
+
     def reset_num_hvps(self) -> None:
         self._num_hvps = 0
 
