@@ -40,6 +40,8 @@ START_FRACTION = 0.25
 # Monte Carlo calibration: sequences simulated (at least), and the generator's fixed seed.
 CALIBRATION_RUNS = 2000
 CALIBRATION_SEED = 20221128
+# Degrees of freedom told apart from an interval's width; more count as a normal interval.
+MAX_DOF = 200
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
@@ -235,27 +237,24 @@ def alarm_threshold(rule: DropRule, false_alarm_rate: float, horizon: int, dof: 
     return float(np.quantile(best, 1.0 - false_alarm_rate, method="higher"))
 
 
+@functools.lru_cache(maxsize=8)
+def _t_quantiles(level: float) -> tuple[float, ...]:
+    """Two-sided ``level`` Student-t quantiles for 1-``MAX_DOF`` degrees of freedom (decreasing)."""
+    return tuple(student_t_quantile(0.5 + level / 2, dof) for dof in range(1, MAX_DOF + 1))
+
+
 def dof_from_interval(stderr: float, half_width: float, level: float) -> int:
     """Degrees of freedom ``ν`` whose Student-t quantile is the interval's half-width over ``stderr``.
 
-    0 when the ratio is (at most) the normal quantile: a normal interval. Searched over 1-1000.
+    0 when the ratio is (at most) the normal quantile or that of more than 200 degrees of freedom:
+    a normal interval, the standard error taken as exact.
     """
     ratio = half_width / stderr
-    q = 0.5 + level / 2
-    if ratio <= normal_quantile(q) * (1 + 1e-6):
+    quantiles = _t_quantiles(level)
+    if ratio <= max(normal_quantile(0.5 + level / 2) * (1 + 1e-6), quantiles[-1]):
         return 0
-    lo, hi = 1, 1000
-    if ratio >= student_t_quantile(q, lo):
-        return lo
-    if ratio <= student_t_quantile(q, hi):
-        return 0
-    while hi - lo > 1:  # the t quantile falls with the degrees of freedom
-        mid = (lo + hi) // 2
-        if student_t_quantile(q, mid) >= ratio:
-            lo = mid
-        else:
-            hi = mid
-    return lo if abs(student_t_quantile(q, lo) - ratio) <= abs(student_t_quantile(q, hi) - ratio) else hi
+    # the nearest quantile (they fall with the degrees of freedom)
+    return 1 + min(range(MAX_DOF), key=lambda k: abs(quantiles[k] - ratio))
 
 
 def locate_drop(

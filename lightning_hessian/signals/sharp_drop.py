@@ -129,7 +129,9 @@ class TraceSharpDropDetector:
         >>> [epoch for epoch, x in enumerate(series) if det.update(epoch, x, stderr=2.0)]
         [10]
         >>> det.flagged, det.drop_start_epoch, det.drop_middle_epoch, round(det.drop_size, 2)
-        (True, 7, 8, 0.69)
+        (True, 7, 8, 0.6)
+        >>> round(det.drop_z, 1), round(det.threshold, 2)  # Z and the threshold at 5 % per 50 evaluations
+        (32.6, 3.12)
         >>> det.update(14, 30.0)  # already flagged: never True again
         False
     """
