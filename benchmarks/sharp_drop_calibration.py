@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -153,7 +151,11 @@ def collect(raw_path: Path) -> dict[str, Any]:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9) if name == "sgd" else torch.optim.Adam(params, lr=lr)
         _train(model, xtr, ytr, 20, opt, seed)
         rows: list[dict[str, float]] = []
-        _train(model, xtr, ytr, HORIZON, opt, seed + 1, on_epoch=lambda e: rows.append(_evaluate(model, analysis, 40, 42)))
+
+        def record(epoch: int, model=model, rows=rows, analysis=analysis) -> None:
+            rows.append(_evaluate(model, analysis, 40, 42))
+
+        _train(model, xtr, ytr, HORIZON, opt, seed + 1, on_epoch=record)
         raw["late"][key] = rows
         raw.setdefault("seconds", {})[f"late-{key}"] = time.perf_counter() - start
         save()
@@ -223,8 +225,13 @@ def operating_characteristic(raw: dict[str, Any], alpha: float, gate: float) -> 
         threshold = alarm_threshold(rule, alpha, HORIZON, dof)
         late_flags += int(first_flags(rule, x[None], var[None], threshold)[0] >= 0)
     rows.append(
-        {"alpha": alpha, "min_relative_drop": gate, "sequences": "late training (fixed probes)",
-         "runs": len(raw["late"]), "false_alarms": late_flags / max(1, len(raw["late"]))}
+        {
+            "alpha": alpha,
+            "min_relative_drop": gate,
+            "sequences": "late training (fixed probes)",
+            "runs": len(raw["late"]),
+            "false_alarms": late_flags / max(1, len(raw["late"])),
+        }
     )
     return rows
 
@@ -291,8 +298,12 @@ def _plot(table: list[dict[str, Any]], path: Path) -> None:
         alphas = [r["alpha"] for r in sub]
         axes[0].plot(alphas, [r["false_alarms"] for r in sub], "o-", label=name.replace("pure noise ", ""))
         for k, ls in ((3.0, "-"), (5.0, "--")):
-            axes[1].plot(alphas, [min(r[f"median_delay_{k:g}x_w1"], 12) for r in sub], "o" + ls,
-                         label=f"{name.replace('pure noise ', '')}, {k:g} SE")
+            axes[1].plot(
+                alphas,
+                [min(r[f"median_delay_{k:g}x_w1"], 12) for r in sub],
+                "o" + ls,
+                label=f"{name.replace('pure noise ', '')}, {k:g} SE",
+            )
     axes[0].plot([0.005, 0.2], [0.005, 0.2], "k--", lw=1, label="nominal")
     axes[0].set_xscale("log")
     axes[0].set_yscale("symlog", linthresh=0.005)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -93,23 +92,41 @@ def study_configs() -> list[RunConfig]:
         RunConfig("mlp-sgd-lr0.05-init0.5", "mlp", lr=0.05, init_scale=0.5),
     ]
     cnn = [
-        RunConfig("cnn-sgd-lr0.05-bs256-init0.5-seed3", "cnn", lr=0.05, batch_size=256, width=8, init_scale=0.5, seed=3),
+        RunConfig(
+            "cnn-sgd-lr0.05-bs256-init0.5-seed3", "cnn", lr=0.05, batch_size=256, width=8, init_scale=0.5, seed=3
+        ),
         RunConfig("cnn-sgd-lr0.05-bs256-init0.5", "cnn", lr=0.05, batch_size=256, width=8, init_scale=0.5),
-        RunConfig("cnn-sgd-lr0.05-bs256-init0.5-seed1", "cnn", lr=0.05, batch_size=256, width=8, init_scale=0.5, seed=1),
+        RunConfig(
+            "cnn-sgd-lr0.05-bs256-init0.5-seed1", "cnn", lr=0.05, batch_size=256, width=8, init_scale=0.5, seed=1
+        ),
         RunConfig("cnn-sgd-lr0.02-bs256-init0.5", "cnn", lr=0.02, batch_size=256, width=8, init_scale=0.5),
         RunConfig("cnn-sgd-lr0.1-bs256-init0.5", "cnn", lr=0.1, batch_size=256, width=8, init_scale=0.5),
         RunConfig("cnn-sgd-lr0.05-bs64-init0.5", "cnn", lr=0.05, batch_size=64, width=8, init_scale=0.5),
         RunConfig("cnn-sgd-lr0.05-bs256", "cnn", lr=0.05, batch_size=256, width=8),
         RunConfig("cnn-adam-lr1e-3-bs64", "cnn", optimizer="adam", lr=1e-3, batch_size=64, width=8),
-        RunConfig("cnn-adam-lr3e-3-bs256-init0.5", "cnn", optimizer="adam", lr=3e-3, batch_size=256, width=8, init_scale=0.5),
-        RunConfig("cnn-sgd-lr0.05-bs256-init0.5-noise0.2", "cnn", lr=0.05, batch_size=256, width=8, init_scale=0.5, label_noise=0.2),
-        RunConfig("cnn-adam-lr1e-3-bs64-noise0.2", "cnn", optimizer="adam", lr=1e-3, batch_size=64, width=8, label_noise=0.2),
+        RunConfig(
+            "cnn-adam-lr3e-3-bs256-init0.5", "cnn", optimizer="adam", lr=3e-3, batch_size=256, width=8, init_scale=0.5
+        ),
+        RunConfig(
+            "cnn-sgd-lr0.05-bs256-init0.5-noise0.2",
+            "cnn",
+            lr=0.05,
+            batch_size=256,
+            width=8,
+            init_scale=0.5,
+            label_noise=0.2,
+        ),
+        RunConfig(
+            "cnn-adam-lr1e-3-bs64-noise0.2", "cnn", optimizer="adam", lr=1e-3, batch_size=64, width=8, label_noise=0.2
+        ),
         RunConfig("cnn-sgd-lr0.05-bs256-init0.5-w16", "cnn", lr=0.05, batch_size=256, width=16, init_scale=0.5),
         RunConfig("cnn-sgd-lr0.05-bs256-init0.5-w4", "cnn", lr=0.05, batch_size=256, width=4, init_scale=0.5),
     ]
     gpt = [
         RunConfig("gpt-adamw-lr3e-3", "gpt", optimizer="adam", lr=3e-3, batch_size=16, width=48),
-        RunConfig("gpt-adamw-lr3e-3-step150", "gpt", optimizer="adam", lr=3e-3, batch_size=16, width=48, lr_step_at=150),
+        RunConfig(
+            "gpt-adamw-lr3e-3-step150", "gpt", optimizer="adam", lr=3e-3, batch_size=16, width=48, lr_step_at=150
+        ),
         RunConfig("gpt-adamw-lr1e-3", "gpt", optimizer="adam", lr=1e-3, batch_size=16, width=48),
     ]
     for config in cnn:
@@ -254,7 +271,9 @@ def run_one(config: RunConfig) -> dict[str, Any]:
         monitor = HessianMonitor(
             every_n_train_steps=config.steps_per_eval, max_samples=8, analysis_batch_size=8, log_density=False
         )
-        limits: dict[str, Any] = dict(max_steps=config.epochs * config.steps_per_eval, val_check_interval=config.steps_per_eval)
+        limits: dict[str, Any] = dict(
+            max_steps=config.epochs * config.steps_per_eval, val_check_interval=config.steps_per_eval
+        )
     else:
         train, val = _digits(config)
         module = _lightning_module(config)
@@ -508,9 +527,22 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         hit = [r for r in sub if r["flagged"]]
         miss = [r for r in sub if not r["flagged"]]
         if hit:
-            ax.scatter([r["plateau_at"] for r in hit], [r["flag_at"] for r in hit], marker=marker, color=color, label=f"{model}: flagged")
+            ax.scatter(
+                [r["plateau_at"] for r in hit],
+                [r["flag_at"] for r in hit],
+                marker=marker,
+                color=color,
+                label=f"{model}: flagged",
+            )
         if miss:
-            ax.scatter([r["plateau_at"] for r in miss], [top + 1] * len(miss), marker=marker, facecolors="none", edgecolors=color, label=f"{model}: no flag")
+            ax.scatter(
+                [r["plateau_at"] for r in miss],
+                [top + 1] * len(miss),
+                marker=marker,
+                facecolors="none",
+                edgecolors=color,
+                label=f"{model}: no flag",
+            )
     ax.plot([0, top], [0, top], "k--", lw=1, label="flag = plateau")
     ax.axhline(top + 0.5, color="grey", lw=0.5)
     ax.set_xlabel("plateau evaluation (val. accuracy within 0.01 of best)")

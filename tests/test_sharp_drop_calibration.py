@@ -71,8 +71,16 @@ def test_batch_rule_takes_the_detectors_decisions() -> None:
     expected = _flags(det, x, var, 2)
     for r in range(x.shape[0]):
         one = _detector()
-        flags = [t for t in range(HORIZON) if one.update(t, float(x[r, t]), math.sqrt(var[r, t]), interval=(
-            x[r, t] - 4.302653 * math.sqrt(var[r, t]), x[r, t] + 4.302653 * math.sqrt(var[r, t])))]
+        flags = [
+            t
+            for t in range(HORIZON)
+            if one.update(
+                t,
+                float(x[r, t]),
+                math.sqrt(var[r, t]),
+                interval=(x[r, t] - 4.302653 * math.sqrt(var[r, t]), x[r, t] + 4.302653 * math.sqrt(var[r, t])),
+            )
+        ]
         assert flags == ([] if expected[r] < 0 else [int(expected[r])])
     assert (expected[:15] >= 0).sum() >= 10  # the injected drops are mostly found
 
@@ -103,7 +111,7 @@ def test_the_knob_trades_false_alarms_for_delay() -> None:
     thresholds = [alarm_threshold(_detector().rule, a, HORIZON, 2) for a in (0.01, 0.05, 0.2)]
     assert thresholds[0] > thresholds[1] > thresholds[2]
     x, var = simulated_noise(400, HORIZON, 2, seed=77)
-    onset, low = _inject(x, 3.0, 1, np.random.default_rng(7))
+    onset, _ = _inject(x, 3.0, 1, np.random.default_rng(7))
     found = [float((_flags(_detector(false_alarm_rate=a), x, var, 2) >= onset).mean()) for a in (0.01, 0.05, 0.2)]
     assert found[0] < found[1] < found[2]
 

@@ -221,7 +221,7 @@ def first_flags(rule: DropRule, x: np.ndarray, var: np.ndarray, threshold: float
 
 @functools.lru_cache(maxsize=128)
 def alarm_threshold(rule: DropRule, false_alarm_rate: float, horizon: int, dof: int | None) -> float:
-    r"""Threshold on :math:`Z` such that a stationary sequence of ``horizon`` evaluations flags with probability ``false_alarm_rate``.
+    r"""Threshold on :math:`Z`: a stationary run of ``horizon`` evaluations flags with probability ``false_alarm_rate``.
 
     Monte Carlo (fixed seed, so the threshold is a deterministic function of its arguments) over
     ``max(2000, 50 / false_alarm_rate)`` sequences :math:`x_i = \mu + \sigma\varepsilon_i`,
@@ -273,7 +273,7 @@ def locate_drop(
     window_start = max(0, p - 2)
     above = [k for k in range(window_start, c + 1) if x[k] > half]
     if not above:  # the pre level is a mean: its window may lie above half-way only further back
-        above = [max(k for k in range(0, p + 1) if x[k] > half)] if any(v > half for v in x[: p + 1]) else [p]
+        above = [max(k for k in range(p + 1) if x[k] > half)] if any(v > half for v in x[: p + 1]) else [p]
     j = next((i for i in range(above[-1] + 1, len(x)) if x[i] <= half), c)
     start = next((k for k in range(j - 1, -1, -1) if x[k] >= pre_level - START_FRACTION * fall), p)
     denom = x[j - 1] - x[j]

@@ -276,7 +276,7 @@ class TraceSharpDropDetector:
             return False
         self._f_epochs.append(epoch)
         self._f_traces.append(trace)
-        self._f_vars.append(stderr * stderr if known else 0.0)  # type: ignore[operator]
+        self._f_vars.append(stderr * stderr if known else 0.0)
         self._f_dofs.append(dof if known else None)
         return True
 
