@@ -176,6 +176,8 @@ def sharp_drop_monitor() -> HessianMonitor:
             "confirm": 1,
             "lookback": 2,
             "min_history": 3,
+            "baseline": 3,
+            "false_alarm_rate": 0.5,
             "noise_multiplier": 0.0,
             "stderr_multiplier": 0.0,
         },

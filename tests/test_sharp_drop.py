@@ -1,8 +1,9 @@
 """Tests of :class:`lightning_hessian.signals.sharp_drop.TraceSharpDropDetector` on synthetic trace series.
 
-The generator mimics the trajectories of Alabdulkareem (NeurIPS 2022), §7.7: the
-trace rises early in training, plateaus (noisily), then falls suddenly by a large fraction over
-a few evaluations and stays low. The negatives are what must not be mistaken for that.
+The generator mimics the trajectories of Alabdulkareem (2022) §7.7: the trace rises early in
+training, plateaus (noisily), then falls suddenly by a large fraction over a few evaluations and
+stays low. The negatives are what must not be mistaken for that. The calibration of the alarm
+(false-alarm rate within its bound, detection delay) is tested in ``test_sharp_drop_calibration.py``.
 """
 
 from __future__ import annotations
@@ -113,9 +114,10 @@ def test_real_drop_found_at_right_epoch(seed: int, size: float, duration: int) -
     assert abs(det.drop_start_epoch - start) <= 1
     assert abs(det.drop_middle_epoch - middle) <= 1
     assert abs(det.drop_middle_epoch_interpolated - middle) <= 1
-    assert det.drop_size == pytest.approx(size, abs=0.12)
-    # Confirmed after the fall ended, within confirm (+1 for a noisy first post-fall point).
-    assert start + duration <= flags[0] <= start + duration + det.confirm + 1
+    # The fall seen when the flag is raised: all of it, or (flagged mid-fall) at least the size gate.
+    assert det.min_relative_drop <= det.drop_size <= size + 0.12
+    # Confirmed `confirm` evaluations after the first low one at the earliest, within the post window.
+    assert start + 1 + det.confirm <= flags[0] <= start + duration + det.post_window - 1
     assert det.flagged_at_epoch == flags[0]
     assert det.post_drop_level < det.pre_drop_level
 
@@ -125,32 +127,35 @@ def test_plateau_100_to_30(duration: int) -> None:
     traces = plateau_then_drop(duration=duration)
     det = TraceSharpDropDetector()
     flags = feed(det, traces, [3.0] * len(traces))
-    assert flags == [20 + duration + det.confirm] or flags == [20 + duration - 1 + det.confirm]
+    # a 23-standard-error drop: flagged as soon as `confirm` evaluations follow a low one
+    assert flags == [min(20 + duration, 22) + det.confirm]
     assert det.drop_start_epoch in (19, 20, 21)
     assert abs(det.drop_middle_epoch - (20 + duration / 2)) <= 1
-    assert det.drop_size == pytest.approx(0.7, abs=0.06)
+    assert 0.55 <= det.drop_size <= 0.76  # over 3 evaluations: flagged before the fall ends
     assert det.pre_drop_level == pytest.approx(100, rel=0.06)
-    assert det.post_drop_level == pytest.approx(30, rel=0.1)
+    assert det.post_drop_level == pytest.approx(det.pre_drop_level * (1 - det.drop_size))
 
 
 @pytest.mark.parametrize(
-    ("step", "flag", "middle", "interpolated"),
+    ("step", "flag", "post", "middle", "interpolated"),
     [
-        # 75 > 100 - 0.7 * 80 = 44: the fall ends at epoch 22; crossing 3/11 of the way from
-        # epoch 21 to 22, rounded down.
-        (75.0, 25, 21, 21 + 15 / 55),
-        # 40 <= 44: the fall may end at epoch 21; crossing 2/3 of the way from 20 to 21, rounded up.
-        (40.0, 24, 21, 20 + 40 / 60),
+        # 75 > 100 - 0.7 * 80 + 0 = 44 (noise-free): a post window may not start at 21; the one
+        # starting at 22 is confirmed at 24; half-way 60 is crossed 15/55 of the way from 21 to 22.
+        (75.0, 24, 20.0, 21, 21 + 15 / 55),
+        # 40 <= 100 - 0.7 * 73.3: the window 21-23 qualifies (post level 26.7), flagged at 23;
+        # half-way 63.3 is crossed 36.7/60 of the way from 20 to 21, rounded up.
+        (40.0, 23, 80 / 3, 21, 20 + (100 - 190 / 3) / 60),
     ],
 )
-def test_exact_reporting_rule(step: float, flag: int, middle: int, interpolated: float) -> None:
+def test_exact_reporting_rule(step: float, flag: int, post: float, middle: int, interpolated: float) -> None:
     """Noise-free series: every reported quantity follows the documented formulas exactly."""
     traces = [100.0] * 21 + [step] + [20.0] * 12
     det = TraceSharpDropDetector()
-    assert feed(det, traces) == [flag]  # end of the fall + confirm=3 evaluations
+    assert feed(det, traces) == [flag]  # first low evaluation + confirm=2 evaluations
     assert det.pre_drop_level == 100.0
-    assert det.post_drop_level == 20.0
-    assert det.drop_size == pytest.approx(0.8)
+    assert det.post_drop_level == pytest.approx(post)
+    assert det.drop_size == pytest.approx(1 - post / 100)
+    assert det.drop_z == math.inf  # no noise at all: any fall is infinitely many noise scales
     assert det.drop_start_epoch == 20  # last epoch within D/4 = 20 of the pre-drop level
     assert det.drop_middle_epoch == middle
     assert det.drop_middle_epoch_interpolated == pytest.approx(interpolated)
@@ -247,20 +252,21 @@ def test_short_dip_that_rebounds_not_flagged(seed: int, length: int) -> None:
 
 def test_drop_within_its_standard_errors_not_flagged() -> None:
     traces = plateau_then_drop(levels=(100.0, 60.0))  # a clean-looking 40 % drop
-    huge = [30.0] * len(traces)  # 3 * sqrt(30^2 + 30^2) = 127 > 40
+    huge = [30.0] * len(traces)  # Z <= 40 / (30 * sqrt(1/6 + 1/3)) = 1.9, below any threshold
     assert feed(TraceSharpDropDetector(), traces, huge) == []
-    # Contrast: the same series with small errors, or with the test switched off, is flagged.
+    # Contrast: the same series with small errors is flagged; the legacy gate can still block it.
     assert len(feed(TraceSharpDropDetector(), traces, [2.0] * len(traces))) == 1
-    assert len(feed(TraceSharpDropDetector(stderr_multiplier=0.0), traces, huge)) == 1
+    assert feed(TraceSharpDropDetector(stderr_multiplier=20.0), traces, [2.0] * len(traces)) == []
 
 
 def test_drop_smaller_than_noise_not_flagged() -> None:
-    """A 40 % step hidden in 15 %-noise (single differences ~ 21 %): not clearly above it."""
+    """A 40 % step hidden in 15 %-noise, no standard errors: the differences alone cannot tell it."""
     rng = np.random.default_rng(7)
     clean = np.concatenate([np.full(30, 100.0), np.full(30, 60.0)])
     traces = clean * (1 + 0.15 * rng.standard_normal(60))
     assert feed(TraceSharpDropDetector(), traces) == []
-    assert len(feed(TraceSharpDropDetector(noise_multiplier=0.0), traces)) == 1
+    # Contrast: with the true standard errors (15) the threshold is the exact-noise one, and it passes.
+    assert len(feed(TraceSharpDropDetector(), traces, [15.0] * 60)) == 1
 
 
 def test_small_relative_drop_not_flagged() -> None:
@@ -277,7 +283,7 @@ def test_non_positive_level_not_flagged() -> None:
 def test_drop_before_min_history_not_flagged() -> None:
     traces = [100.0, 101.0, 99.0, 30.0, 31.0, 29.0, 30.0, 30.5, 29.5]
     assert feed(TraceSharpDropDetector(), traces) == []
-    assert feed(TraceSharpDropDetector(min_history=3), traces) == [6]
+    assert feed(TraceSharpDropDetector(min_history=3, baseline=2), traces) == [5]
 
 
 # ----------------------------------------------------------------------------- NaN / Inf
@@ -459,16 +465,21 @@ def test_history() -> None:
         ("window", 0, "int >= 1"),
         ("window", 2.0, "int >= 1"),
         ("window", True, "int >= 1"),
-        ("min_relative_drop", 0.0, r"\(0, 1\)"),
-        ("min_relative_drop", 1.0, r"\(0, 1\)"),
-        ("min_relative_drop", math.nan, r"\(0, 1\)"),
-        ("min_relative_drop", "0.5", r"\(0, 1\)"),
+        ("min_relative_drop", -0.1, r"\[0, 1\)"),
+        ("min_relative_drop", 1.0, r"\[0, 1\)"),
+        ("min_relative_drop", math.nan, r"\[0, 1\)"),
+        ("min_relative_drop", "0.5", r"\[0, 1\)"),
         ("noise_multiplier", -1.0, r"\[0, inf\)"),
         ("noise_multiplier", math.inf, r"\[0, inf\)"),
         ("stderr_multiplier", -0.1, r"\[0, inf\)"),
-        ("stderr_multiplier", None, r"\[0, inf\)"),
-        ("confirm", 0, "int >= 1"),
-        ("confirm", 1.5, "int >= 1"),
+        ("stderr_multiplier", "2", r"\[0, inf\)"),
+        ("confirm", -1, "int >= 0"),
+        ("confirm", 1.5, "int >= 0"),
+        ("post_window", 2, "int >= 3"),
+        ("baseline", 1, "int >= 2"),
+        ("false_alarm_rate", 0.0, r"\(0, 0.5\]"),
+        ("false_alarm_rate", 0.6, r"\(0, 0.5\]"),
+        ("horizon", 5, "int >= 10"),
         ("max_rebound", 1.0, r"\[0, 1\)"),
         ("max_rebound", -0.1, r"\[0, 1\)"),
         ("lookback", 1, "int >= 2"),
@@ -487,12 +498,16 @@ def test_valid_edge_arguments_accepted() -> None:
         min_relative_drop=0.99,
         noise_multiplier=0,
         stderr_multiplier=0,
-        confirm=1,
+        confirm=0,
         max_rebound=0,
         lookback=2,
         min_history=3,
+        false_alarm_rate=0.5,
+        horizon=10,
+        post_window=1,
+        baseline=2,
     )
-    assert (det.window, det.confirm, det.lookback, det.min_history) == (1, 1, 2, 3)
+    assert (det.window, det.confirm, det.lookback, det.min_history, det.post_window) == (1, 0, 2, 3, 1)
     assert isinstance(det.noise_multiplier, float)
 
 
@@ -518,7 +533,7 @@ def test_non_integer_epoch_rejected() -> None:
     assert TraceSharpDropDetector().update(np.int64(3), 1.0) is False  # numpy ints are fine
 
 
-def test_interval_replaces_stderr_by_its_half_width_over_the_normal_quantile():
+def test_interval_alone_gives_the_stderr_by_its_half_width_over_the_normal_quantile():
     series = [10.0] * 8 + [9.0, 6.0, 3.0] + [3.0] * 4
     by_stderr = TraceSharpDropDetector()
     by_interval = TraceSharpDropDetector()
@@ -528,14 +543,28 @@ def test_interval_replaces_stderr_by_its_half_width_over_the_normal_quantile():
         assert a == b
     assert by_stderr.flagged and by_interval.flagged
     assert by_interval.history.stderrs[-1] == pytest.approx(0.5, rel=1e-6)
-    # a wide (few-probe Student-t) interval blocks the confirmation the stderr alone would allow
-    wide = TraceSharpDropDetector()
-    for epoch, x in enumerate(series):
-        wide.update(epoch, x, interval=(x - 5.0, x + 5.0))
-    assert not wide.flagged
+    assert by_interval.threshold == by_stderr.threshold  # both: a known (normal) standard error
     # an infinite interval is "unknown", a reversed one is an error
     unknown = TraceSharpDropDetector()
     unknown.update(0, 1.0, interval=(float("-inf"), float("inf")))
     assert unknown.history.stderrs[-1] is None
     with pytest.raises(ValueError, match="interval"):
         unknown.update(1, 1.0, interval=(2.0, 1.0))
+
+
+def test_interval_with_stderr_gives_its_degrees_of_freedom_to_the_threshold():
+    """A 3-probe Student-t interval (4.30 standard errors) means 2 degrees of freedom: a higher threshold."""
+    series = [10.0] * 8 + [9.0, 6.0, 3.0] + [3.0] * 4
+    exact, few = TraceSharpDropDetector(), TraceSharpDropDetector()
+    for epoch, x in enumerate(series):
+        exact.update(epoch, x, 0.5)
+        few.update(epoch, x, 0.5, interval=(x - 0.5 * 4.302653, x + 0.5 * 4.302653))
+    assert exact.flagged and few.flagged
+    assert few.history.stderrs[-1] == 0.5  # the stderr itself is kept
+    assert few.threshold > exact.threshold
+    assert few.state_dict()["dofs"][-1] == 2
+    # update_from_log is what the monitor calls: the same decisions
+    logged = TraceSharpDropDetector()
+    for epoch, x in enumerate(series):
+        logged.update_from_log(epoch, x, 0.5, x - 0.5 * 4.302653, x + 0.5 * 4.302653)
+    assert logged.state_dict() == few.state_dict()

@@ -610,12 +610,15 @@ class HessianMonitor(CurvatureCallback):
     # ------------------------------------------------------------------ sharp drop
 
     def _update_sharp_drop(self, trainer: pl.Trainer, when: int, values: dict[str, float]) -> None:
-        trace, stderr = values["trace"], values["trace_stderr"]
-        low, high = values.get("trace_ci_low", math.nan), values.get("trace_ci_high", math.nan)
-        if math.isfinite(low) and math.isfinite(high):
-            confirmed = self.detector.update(when, trace, interval=(low, high), interval_level=0.95)
-        else:
-            confirmed = self.detector.update(when, trace, stderr if math.isfinite(stderr) else None)
+        # the estimate, its standard error and its 95 % Student-t interval (whose width gives the
+        # standard error's degrees of freedom to the detector's calibrated threshold)
+        confirmed = self.detector.update_from_log(
+            when,
+            values["trace"],
+            values["trace_stderr"],
+            values.get("trace_ci_low", math.nan),
+            values.get("trace_ci_high", math.nan),
+        )
         values["trace_sharp_drop"] = 1.0 if self.detector.flagged else 0.0
         middle = self.detector.drop_middle_epoch
         if self.schedule.by_steps:
