@@ -420,7 +420,10 @@ class HessianOperator:
         """
         from lightning_hessian.operators.block import restricted_operator
 
-        return restricted_operator(self, param_names)
+        block = restricted_operator(self, param_names)
+        if self._fd is not None:  # its own step, error estimate and gradient count
+            block._fd = FiniteDifferenceState(self._fd.override, self._fd.richardson)
+        return block
 
     # ------------------------------------------------------------------ data
 
