@@ -743,6 +743,145 @@ def density_section(case: Case, libs: dict[str, Library], seeds: int, runs: int)
 
 
 # ----------------------------------------------------------------------------------------------
+# 3. the default pipeline: top eigenvalue + trace (100 probes) + density, ours vs PyHessian
+# ----------------------------------------------------------------------------------------------
+
+PIPELINE_TRACE_PROBES = 100
+#: Seeds of the trace-only repetitions behind the pipeline's trace error (one seed's error is noise).
+PIPELINE_TRACE_SEEDS = 20
+
+
+@dataclass
+class PipelineRun:
+    """One pipeline run: HVPs per estimate, wall time, and the three estimates."""
+
+    hvps: dict[str, int]
+    seconds: float
+    top: float
+    trace: float
+    measure: tuple[np.ndarray, np.ndarray]
+
+
+def pipeline_ours(case: Case, seed: int, session: bool = False) -> PipelineRun:
+    """``top_eigenvalues(k=1)``, ``hessian_trace(num_probes=100)``, ``spectral_density()``, defaults.
+
+    ``session=True``: the three inside one ``op.session()`` (one preparation for all products),
+    where the operator has sessions.
+    """
+    start = time.perf_counter()
+    op = ours_op(case)
+    scope = op.session() if session else contextlib.nullcontext()  # type: ignore[attr-defined]
+    with scope:
+        top = top_eigenvalues(op, k=1, seed=seed)
+        after_top = op.num_hvps
+        tr = hessian_trace(op, num_probes=PIPELINE_TRACE_PROBES, seed=seed)
+        after_trace = op.num_hvps
+        sd = spectral_density(op, seed=seed)
+    seconds = time.perf_counter() - start
+    nodes, weights = sd.measure()
+    hvps = {
+        "top": after_top,
+        "trace": after_trace - after_top,
+        "density": op.num_hvps - after_trace,
+        "reported": top.num_hvps + tr.num_hvps + sd.num_hvps,
+    }
+    return PipelineRun(hvps, seconds, float(top.values[0]), tr.value, (nodes.numpy(), weights.numpy()))
+
+
+def pipeline_pyhessian(case: Case, base: Baselines, seed: int) -> PipelineRun:
+    """PyHessian 0.1 with its defaults: ``eigenvalues()``, ``trace()``, ``density()``."""
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    hess, c = base.pyhessian()
+    values, _ = hess.eigenvalues()
+    after_top = c.count
+    trace = float(np.mean(hess.trace()))
+    after_trace = c.count
+    with torch_eig_shim():
+        nodes, weights = hess.density()
+    seconds = time.perf_counter() - start
+    runs = len(nodes)
+    measure = (
+        np.asarray(nodes, dtype=np.float64).reshape(-1),
+        np.asarray(weights, dtype=np.float64).reshape(-1) / runs,
+    )
+    hvps = {"top": after_top, "trace": after_trace - after_top, "density": c.count - after_trace}
+    hvps["reported"] = sum(hvps.values())
+    return PipelineRun(hvps, seconds, float(values[0]), trace, measure)
+
+
+def pipeline_section(case: Case, libs: dict[str, Library], seeds: int) -> list[str]:
+    """The default pipeline against PyHessian's on the same model, data and loss (interleaved per seed)."""
+    base = Baselines(case, libs["pyhessian"], libs["eigenthings"], libs["curvlinops"])
+    sessions = hasattr(ours_op(case), "session")
+    runs: dict[str, list[PipelineRun]] = {"ours": [], "PyHessian": []}
+    if sessions:
+        runs["ours+sess"] = []
+    for seed in range(seeds):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs["ours"].append(pipeline_ours(case, seed))
+            if sessions:
+                runs["ours+sess"].append(pipeline_ours(case, seed, session=True))
+            if libs["pyhessian"].ok:
+                runs["PyHessian"].append(pipeline_pyhessian(case, base, seed))
+    # the trace error needs many seeds: the trace parts of both pipelines again, alone
+    trace_runs: dict[str, list[float]] = {"ours": [], "PyHessian": []}
+    trace_op = ours_op(case)
+    for seed in range(PIPELINE_TRACE_SEEDS):
+        trace_runs["ours"].append(hessian_trace(trace_op, num_probes=PIPELINE_TRACE_PROBES, seed=seed).value)
+        if libs["pyhessian"].ok:
+            torch.manual_seed(seed)
+            trace_runs["PyHessian"].append(float(np.mean(base.pyhessian()[0].trace())))
+    trace_runs["ours+sess"] = trace_runs["ours"]
+    print(
+        f"\n[3] pipeline, {case.name}: top_eigenvalues(k=1) + hessian_trace(num_probes={PIPELINE_TRACE_PROBES}) "
+        f"+ spectral_density(), all defaults; PyHessian eigenvalues() + trace() + density(), its defaults; "
+        f"{seeds} seed(s); errors against the exact float64 spectrum (top: max over seeds, W1: mean; trace: RMS over "
+        f"{PIPELINE_TRACE_SEEDS} seeds of the trace calls alone)"
+    )
+    header = (
+        f"     {'pipeline':<10} {'HVPs':>6} {'top':>5} {'trace':>6} {'dens.':>6} {'time s':>8} {'t/PyH':>6} "
+        f"{'top rel err':>12} {'trace rel err':>14} {'W1':>10}"
+    )
+    print(header)
+    print("     " + "-" * (len(header) - 5))
+    stats: dict[str, tuple[float, float, float, float, float]] = {}
+    for name, group in runs.items():
+        if not group:
+            print(f"     {name:<10} {libs['pyhessian'].error}")
+            continue
+        hvps = statistics.mean(sum(r.hvps[k] for k in ("top", "trace", "density")) for r in group)
+        seconds = statistics.median(r.seconds for r in group)
+        top_err = max(abs(r.top - case.top) / abs(case.top) for r in group)
+        trace_err = math.sqrt(statistics.mean(((t - case.trace) / case.trace) ** 2 for t in trace_runs[name]))
+        w1 = statistics.mean(wasserstein1(r.measure[0], r.measure[1], case.eigs, None) for r in group)
+        stats[name] = (hvps, seconds, top_err, trace_err, w1)
+        parts = [statistics.mean(r.hvps[k] for r in group) for k in ("top", "trace", "density")]
+        ref = statistics.median(r.seconds for r in runs["PyHessian"]) if runs["PyHessian"] else float("nan")
+        print(
+            f"     {name:<10} {hvps:>6.0f} {parts[0]:>5.0f} {parts[1]:>6.0f} {parts[2]:>6.0f} {seconds:>8.2f} "
+            f"{seconds / ref:>5.2f}x {top_err:>12.2e} {trace_err:>14.2e} {w1:>10.3e}"
+        )
+    if "PyHessian" not in stats:
+        return [
+            f"[PIPELINE {case.name}] PyHessian unavailable; ours {stats['ours'][0]:.0f} HVPs, {stats['ours'][1]:.2f} s"
+        ]
+    lines = []
+    p = stats["PyHessian"]
+    for name in [k for k in stats if k != "PyHessian"]:
+        o = stats[name]
+        met = o[1] < p[1] and all(a <= b for a, b in zip(o[2:], p[2:], strict=True))
+        lines.append(
+            f"[PIPELINE {case.name}, {name}] faster than PyHessian at equal-or-better accuracy: "
+            f"{'MET' if met else 'NOT MET'} (HVPs {o[0]:.0f} vs {p[0]:.0f}; time {o[1]:.2f} vs {p[1]:.2f} s = "
+            f"{o[1] / p[1]:.2f}x; top {o[2]:.1e} vs {p[2]:.1e}; trace {o[3]:.1e} vs {p[3]:.1e}; "
+            f"W1 {o[4]:.2e} vs {p[4]:.2e})"
+        )
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
@@ -760,7 +899,7 @@ def main() -> None:
     parser.add_argument("--density-runs", type=int, default=3, help="our SLQ runs (default: the library default 3)")
     parser.add_argument("--no-baselines", action="store_true", help="do not import the comparison libraries")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile of the single-vector HVP")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: hvp,trace,eigen,density")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: hvp,trace,eigen,density,pipeline")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -875,6 +1014,9 @@ def main() -> None:
                     f"[DENSITY {case.name}] eigenthings unavailable ({ref.failed}); ours W1 {w_ours:.3e}, "
                     f"deflate=False {w_nd:.3e}, {ours.hvps():.0f} HVPs in {ours.seconds():.2f} s"
                 )
+
+        if "pipeline" not in skip:
+            summary.extend(pipeline_section(case, libs, eig_seeds))
 
     print("\n" + "=" * 100)
     print(

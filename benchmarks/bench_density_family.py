@@ -14,7 +14,11 @@ exact spectrum (float64 Hessian by ``tests.helpers.exact_hessian``, eval mode) a
 Distances are of the discrete quadrature measures (smoothing adds the same kernel width to both),
 averaged over ``--seeds`` probe seeds. Target: ours <= 1.2 x theirs at <= 1/3 of their HVPs on all.
 
-Run: ``python benchmarks/bench_density_family.py [--seeds 3]``.
+``--family heldout`` (issue 21) runs models of other shapes that neither this family nor the
+defaults were tuned on: tanh and deeper MLPs, a wider CNN with BatchNorm (1,946 parameters, the
+size of issue 21's held-out CNN) and the 64-64-10 MLP trained from other seeds.
+
+Run: ``python benchmarks/bench_density_family.py [--seeds 3] [--family original|heldout]``.
 """
 
 from __future__ import annotations
@@ -58,6 +62,43 @@ def _cnn(seed: int, batchnorm: bool) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def _heldout_mlp(seed: int, widths: tuple[int, ...], act: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    prev = 64
+    for w in widths:
+        layers += [nn.Linear(prev, w), act()]
+        prev = w
+    return nn.Sequential(*layers, nn.Linear(prev, 10))
+
+
+def _heldout_cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+def heldout_family() -> list[tuple[str, nn.Module, bool]]:
+    """Issue 21's held-out check: shapes and training runs the defaults never saw."""
+    return [
+        ("MLP 64-48 tanh, 150 steps", train(_heldout_mlp(3, (48,), nn.Tanh), steps=150, seed=3), False),
+        ("MLP 64-32-32 ReLU, 250 steps", train(_heldout_mlp(4, (32, 32), nn.ReLU), steps=250, seed=4), False),
+        ("MLP 64-64 ReLU seed 5, 100 steps", train(_heldout_mlp(5, (64,), nn.ReLU), steps=100, seed=5), False),
+        ("MLP 64-64 ReLU seed 6, 400 steps", train(_heldout_mlp(6, (64,), nn.ReLU), steps=400, seed=6), False),
+        ("CNN 8-16+BN, 150 steps", train(_heldout_cnn(7), steps=150, images=True, seed=7), True),
+        ("CNN 8-16+BN, 400 steps", train(_heldout_cnn(8), steps=400, images=True, seed=8), True),
+    ]
+
+
 def family() -> list[tuple[str, nn.Module, bool]]:
     cases = []
     for kind, build, images in (("MLP", _mlp, False), ("CNN", _cnn, True)):
@@ -73,12 +114,13 @@ def family() -> list[tuple[str, nn.Module, bool]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--family", choices=("original", "heldout"), default="original")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| model | params | ours 3x40 (120 HVPs) | eigenthings 10x80 (800 HVPs) | ratio |")
     print("| --- | --- | --- | --- | --- |")
     ratios = []
-    for name, model, images in family():
+    for name, model, images in family() if args.family == "original" else heldout_family():
         batches = analysis_batches(images=images)
         hess = exact_hessian(model, batches)
         hess = 0.5 * (hess + hess.T)

@@ -323,7 +323,7 @@ def spectral_density(
     op: CurvatureOperator,
     *,
     num_runs: int = 3,
-    num_steps: int = 80,
+    num_steps: int = 40,
     probe: ProbeKind = "rademacher",
     seed: int | torch.Generator | None = 0,
     grid_size: int = 1000,
@@ -363,7 +363,8 @@ def spectral_density(
     Args:
         op: A :class:`~lightning_hessian.HessianOperator` (or any curvature operator).
         num_runs: Independent probes ``R``.
-        num_steps: Lanczos steps ``m`` per run (capped at ``n``); HVPs = ``R * m``.
+        num_steps: Lanczos steps ``m`` per run (capped at ``n``); HVPs = ``R * m`` (default
+            3 x 40 = 120, as :class:`~lightning_hessian.HessianMonitor`).
         probe: ``"rademacher"`` or ``"gaussian"``.
         seed: Seed or ``torch.Generator`` (the global RNG is never used).
         grid_size: Number of grid points of :attr:`SpectralDensity.density`.

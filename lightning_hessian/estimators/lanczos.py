@@ -187,6 +187,58 @@ def _full_reorthogonalise_many(
     return after
 
 
+def _check_starts(op: CurvatureOperator, starts: Tensor, num_steps: int) -> tuple[int, int]:
+    """``(n, R)`` of valid start vectors ``[n, R]`` and step count; ``ValueError`` otherwise."""
+    if starts.ndim != 2:
+        raise ValueError(f"`starts` must be [num_params, R], got shape {tuple(starts.shape)}.")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"`num_steps` must be a positive integer, got {num_steps!r}.")
+    n, num_runs = starts.shape
+    if n != op.num_params:
+        raise ValueError(f"`starts` must have {op.num_params} rows, got {n}.")
+    return n, num_runs
+
+
+class _Recurrence:
+    """The float64 scalars of ``R`` lockstep Lanczos runs (alphas, betas, breakdown flags)."""
+
+    def __init__(self, num_runs: int) -> None:
+        self.alphas: list[list[float]] = [[] for _ in range(num_runs)]
+        self.betas: list[list[float]] = [[] for _ in range(num_runs)]
+        self.residual = torch.zeros(num_runs, dtype=torch.float64)
+        self.scale = [0.0] * num_runs
+        self.active = [True] * num_runs
+        self.breakdown = [False] * num_runs
+        self.beta_prev = [0.0] * num_runs
+        self.hvps = 0
+
+    def record(self, run: int, alpha: float, beta: float) -> bool:
+        """Append a step's ``alpha``/``beta``; False (and the run stops) on a breakdown."""
+        self.alphas[run].append(alpha)
+        self.betas[run].append(beta)
+        self.residual[run] = beta
+        self.scale[run] = max(self.scale[run], abs(alpha), beta)
+        if beta <= BREAKDOWN_RTOL * self.scale[run]:
+            self.active[run] = False
+            self.breakdown[run] = True
+            return False
+        self.beta_prev[run] = beta
+        return True
+
+    def snapshot(self, basis: Tensor | None) -> LanczosResult:
+        return LanczosResult(
+            alphas=[torch.tensor(a, dtype=torch.float64) for a in self.alphas],
+            betas=[
+                torch.tensor(b[: max(len(self.alphas[r]) - 1, 0)], dtype=torch.float64)
+                for r, b in enumerate(self.betas)
+            ],
+            residual_norms=self.residual.clone(),
+            basis=basis,
+            num_hvps=self.hvps,
+            breakdown=list(self.breakdown),
+        )
+
+
 def lanczos(
     op: CurvatureOperator,
     starts: Tensor,
@@ -228,13 +280,7 @@ def lanczos(
         basis_device: Where the stored basis lives (e.g. ``"cpu"`` to spare GPU memory).
         should_stop: Called after every step with ``(step, partial_result)``; True ends all runs.
     """
-    if starts.ndim != 2:
-        raise ValueError(f"`starts` must be [num_params, R], got shape {tuple(starts.shape)}.")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"`num_steps` must be a positive integer, got {num_steps!r}.")
-    n, num_runs = starts.shape
-    if n != op.num_params:
-        raise ValueError(f"`starts` must have {op.num_params} rows, got {n}.")
+    n, num_runs = _check_starts(op, starts, num_steps)
     device = op.device
     space = space_of(op)
     # the global size: step caps and slab sizes must agree on every shard (same collectives)
@@ -254,24 +300,8 @@ def lanczos(
     q_work = first if own_vectors else None
     q_prev_work = torch.zeros_like(first) if own_vectors else None
     del first
-    alphas: list[list[float]] = [[] for _ in range(num_runs)]
-    betas: list[list[float]] = [[] for _ in range(num_runs)]
-    residual = torch.zeros(num_runs, dtype=torch.float64)
-    scale = [0.0] * num_runs
-    active = [True] * num_runs
-    breakdown = [False] * num_runs
-    beta_prev = [0.0] * num_runs
-    hvps = 0
-
-    def snapshot() -> LanczosResult:
-        return LanczosResult(
-            alphas=[torch.tensor(a, dtype=torch.float64) for a in alphas],
-            betas=[torch.tensor(b[: max(len(alphas[r]) - 1, 0)], dtype=torch.float64) for r, b in enumerate(betas)],
-            residual_norms=residual.clone(),
-            basis=basis,
-            num_hvps=hvps,
-            breakdown=list(breakdown),
-        )
+    rec = _Recurrence(num_runs)
+    beta_prev = rec.beta_prev
 
     def current(run: int, step: int) -> tuple[Tensor, Tensor | None]:
         if own_vectors:
@@ -281,7 +311,7 @@ def lanczos(
         return basis[run, step], (basis[run, step - 1] if step > 0 else None)
 
     for step in range(num_steps):
-        idx = [r for r in range(num_runs) if active[r]]
+        idx = [r for r in range(num_runs) if rec.active[r]]
         if not idx:
             break
         if own_vectors:
@@ -292,7 +322,7 @@ def lanczos(
             block = basis[:, step] if len(idx) == num_runs else basis[idx, step]
         w = op.matmat(block.t().to(device)).to(basis_dtype)  # [n, a]: the one full-size working array
         del block
-        hvps += len(idx)
+        rec.hvps += len(idx)
         cols = [w[:, slot] for slot in range(len(idx))]
         qs = [current(run, step) for run in idx]
         q_devs = [q_r.to(device) for q_r, _ in qs]
@@ -307,14 +337,8 @@ def lanczos(
         else:
             step_betas = [math.sqrt(max(x, 0.0)) for x in _reduced_dots(space, [(c, c) for c in cols])]
         for w_r, alpha, beta, run in zip(cols, step_alphas, step_betas, idx, strict=True):
-            alphas[run].append(alpha)
-            betas[run].append(beta)
-            residual[run] = beta
-            scale[run] = max(scale[run], abs(alpha), beta)
-            if beta <= BREAKDOWN_RTOL * scale[run]:
-                active[run] = False  # invariant subspace: T is exact for this run
-                breakdown[run] = True
-                continue
+            if not rec.record(run, alpha, beta):
+                continue  # invariant subspace: T is exact for this run
             w_r.div_(beta)
             if own_vectors:
                 assert q_work is not None and q_prev_work is not None
@@ -322,8 +346,7 @@ def lanczos(
                 q_work[run].copy_(w_r)
             if basis is not None and step + 1 < num_steps:
                 basis[run, step + 1].copy_(w_r)
-            beta_prev[run] = beta
         del w, w_r, cols  # the column views would keep this product alive during the next matmat
-        if should_stop is not None and should_stop(step, snapshot()):
+        if should_stop is not None and should_stop(step, rec.snapshot(basis)):
             break
-    return snapshot()
+    return rec.snapshot(basis)
