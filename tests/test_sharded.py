@@ -210,6 +210,7 @@ def _assert_same_histories(records: list[dict[str, Any]], monitor: str) -> None:
                 assert row0[key] == row1[key] or (row0[key] != row0[key] and row1[key] != row1[key]), key
 
 
+@pytest.mark.slow  # one ~100 s launch of 3 ModelParallelStrategy fits, shared by these tests
 def test_hessian_monitor_under_model_parallel_equals_the_single_process_values(lightning_runs):
     records = lightning_runs["records"]["with_callbacks"]
     _assert_same_histories(records, "HessianMonitor")
@@ -223,6 +224,7 @@ def test_hessian_monitor_under_model_parallel_equals_the_single_process_values(l
         assert row["num_hvps"] == 20
 
 
+@pytest.mark.slow  # one ~100 s launch of 3 ModelParallelStrategy fits, shared by these tests
 def test_model_parallel_training_is_bit_identical_with_and_without_the_monitors(lightning_runs):
     with_cb = lightning_runs["records"]["with_callbacks"]
     without_cb = lightning_runs["records"]["without_callbacks"]
@@ -237,6 +239,7 @@ def test_model_parallel_training_is_bit_identical_with_and_without_the_monitors(
                     assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][index][name]))
 
 
+@pytest.mark.slow  # one ~100 s launch of 3 ModelParallelStrategy fits, shared by these tests
 def test_model_parallel_failure_on_one_rank_warns_on_every_rank_and_training_continues(lightning_runs):
     records = lightning_runs["records"]["failure_on_rank_1"]
     output = lightning_runs["output"]
@@ -284,6 +287,7 @@ def _single_process_volume(record: dict[str, Any], epoch: int) -> dict[str, floa
     return est.metrics()
 
 
+@pytest.mark.slow  # one ~100 s launch of 3 ModelParallelStrategy fits, shared by these tests
 def test_local_volume_monitor_under_model_parallel_equals_the_single_process_values(lightning_runs):
     records = lightning_runs["records"]["with_callbacks"]
     _assert_same_histories(records, "LocalVolumeMonitor")

@@ -364,7 +364,7 @@ def spectral_density(
         op: A :class:`~lightning_hessian.HessianOperator` (or any curvature operator).
         num_runs: Independent probes ``R``.
         num_steps: Lanczos steps ``m`` per run (capped at ``n``); HVPs = ``R * m`` (default
-            3 x 40 = 120, as :class:`~lightning_hessian.HessianMonitor`).
+            3 x 40 = 120, as :class:`~lightning_hessian.callbacks.HessianMonitor`).
         probe: ``"rademacher"`` or ``"gaussian"``.
         seed: Seed or ``torch.Generator`` (the global RNG is never used).
         grid_size: Number of grid points of :attr:`SpectralDensity.density`.
