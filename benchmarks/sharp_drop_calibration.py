@@ -5,23 +5,24 @@ on the Hessian of the mean cross-entropy over a seeded 10 % analysis set of the 
 probes, deflated Hutchinson trace, 95 % Student-t interval):
 
 * **pure estimator noise** (fixed weights, lr = 0, probes resampled every evaluation): the digits
-  MLP (64-64-10) and the small CNN after 3 epochs of SGD, ``EVALS`` evaluations each at the
+  MLP (64-64-10, 161-sample analysis set) and the small CNN (64 samples) after 3 epochs of SGD,
+  200 / 100 evaluations at the
   monitor's default 3 x 40 and at 3 x 10. Evaluations are i.i.d. given the weights, so a
   stationary "run of 50 evaluations" is 50 of them drawn without replacement;
 * **plateaued late training** (fixed probes, the monitor's default): 6 runs (MLP and CNN, SGD and
-  Adam, two learning rates) trained 20 epochs, then evaluated at each of the next 50 epochs of
+  Adam, learning rates, seeds) trained 20 epochs, then evaluated at each of the next 50 epochs of
   training (validation accuracy has plateaued: the 50 evaluations are one run);
 
 then measures, for the detector at a grid of its knob ``false_alarm_rate``:
 
 * the **false-alarm rate**: fraction of stationary runs of 50 evaluations with a flag (pure
-  noise: ``RUNS`` resampled runs per setting; late training: the 8 runs);
+  noise: ``RUNS`` resampled runs per setting; late training: the 6 runs);
 * the **detection delay**: a drop of ``k`` times the sequence's median standard error
   (k = 2, 3, 5), linear over ``w`` = 1, 2, 3 evaluations, injected at a random evaluation
   (20-35) of a pure-noise run; delay = flag evaluation minus the first evaluation at the lower
   level (0: flagged on it); a run without flag counts as missed.
 
-    python benchmarks/sharp_drop_calibration.py             # collect + analyse (~10 min on 2 busy cores)
+    python benchmarks/sharp_drop_calibration.py             # collect + analyse (~45 min on 2 busy cores)
     python benchmarks/sharp_drop_calibration.py --analyse   # analyse the committed raw sequences only
 
 Writes ``benchmarks/results/sharp_drop_calibration{_raw.json,.csv,.md,.png}``.

@@ -22,9 +22,10 @@ Runs: 13 digits MLPs and 13 digits CNNs (SGD with momentum and Adam, learning ra
 batch sizes 32-512, widths, 20 % label noise or none, seeds) of 30 epochs, and 3 tiny GPTs on
 ``pydoc_data.topics`` evaluated every 10 optimizer steps (``every_n_train_steps``: the
 detector's clock is then the evaluation index) for 300 steps, one with a step learning-rate
-schedule (x0.1 at step 150). All on CPU, offline, one thread.
+schedule (x0.1 at step 150). All on CPU, offline, one thread. CNN analysis sets are capped at
+64 samples (budget).
 
-    python benchmarks/sharp_drop_study.py             # collect + analyse, ~15-25 min on 2 busy cores
+    python benchmarks/sharp_drop_study.py             # collect + analyse, 56 min on the shared 2-core machine
     python benchmarks/sharp_drop_study.py --analyse   # re-analyse the committed raw sequences only
     python benchmarks/sharp_drop_study.py --quick     # smoke run (2 tiny runs, seconds; CI)
 

@@ -87,8 +87,9 @@ class HessianMonitor(CurvatureCallback):
     ``trainer.callback_metrics`` see them (EarlyStopping / ModelCheckpoint can monitor them).
 
     **Sharp drop** (Alabdulkareem, NeurIPS 2022, §7.7; :doc:`/methods/sharp-drop-and-ood`): the trace is fed to
-    a :class:`~lightning_hessian.TraceSharpDropDetector` with its confidence interval (the
-    detector's standard-error test uses the Student-t width); ``hessian/trace_sharp_drop`` is logged
+    a :class:`~lightning_hessian.TraceSharpDropDetector` with its standard error and 95 % interval
+    (whose width gives the standard error's degrees of freedom to the detector's calibrated
+    threshold: ``sharp_drop_kwargs={"false_alarm_rate": ...}`` is its knob); ``hessian/trace_sharp_drop`` is logged
     (0/1 each evaluation; 1 from the confirming evaluation on) with
     ``hessian/trace_sharp_drop_epoch`` (the drop's middle, NaN before). With
     ``stop_on_sharp_drop=True`` training stops ``sharp_drop_patience`` epochs after the drop's
@@ -166,7 +167,11 @@ class HessianMonitor(CurvatureCallback):
             rule of :func:`~lightning_hessian.operators.finite_difference.fd_step`).
         log_density: Send the density histogram / figure to TensorBoard, W&B and MLflow loggers.
         detect_sharp_drop: Feed the trace to the sharp-drop detector and log its flag.
-        stop_on_sharp_drop: Stop training after a confirmed sharp drop.
+        stop_on_sharp_drop: Stop training after a confirmed sharp drop. Measured
+            (``benchmarks/sharp_drop_study.py``, 29 digits/GPT runs): the flag fired in 9 runs and
+            came before the validation plateau in 7 of them; stopping with patience 0 / 5 lost 1.9 /
+            1.2 accuracy points on average (max 4.4 / 2.2), against 0.4 for a stock
+            ``EarlyStopping(val_loss, patience=5)``. Use ``sharp_drop_patience >= 5`` if at all.
         sharp_drop_patience: Epochs after the drop's middle before stopping (evaluations under
             ``every_n_train_steps``).
         sharp_drop_kwargs: Keyword arguments of :class:`~lightning_hessian.TraceSharpDropDetector`.

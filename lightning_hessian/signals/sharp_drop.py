@@ -95,10 +95,8 @@ class TraceSharpDropDetector:
     :attr:`drop_start_epoch` (last epoch still within a quarter of the fall of the pre level);
     :attr:`flagged_at_epoch`; :attr:`drop_z` and :attr:`threshold` (:math:`Z`, :math:`z_\alpha`).
 
-    **Defaults** come from the measured operating characteristic (``benchmarks/
-    sharp_drop_calibration.py``; docs page "Sharp drop"): real digits trace sequences (3 x 40 and
-    3 x 10 probes, fixed weights and plateaued late training) and drops of 2, 3, 5 standard
-    errors injected into them.
+    **Defaults**: from the operating characteristic measured on real digits trace sequences
+    (``benchmarks/sharp_drop_calibration.py``; docs page "Sharp drop").
 
     Args:
         false_alarm_rate: Probability that a stationary sequence of ``horizon`` evaluations raises
@@ -335,21 +333,13 @@ class TraceSharpDropDetector:
         return self.update(epoch, trace, se)
 
     # ------------------------------------------------------------------ rule
-    def _noise_kind(self) -> int | None:
-        """The calibration's noise model: ``None`` (no standard errors), 0 (exact) or the fewest degrees of freedom."""
-        known = [d for d in self._f_dofs if d is not None]
-        if not known:
-            return None
-        finite = [d for d in known if d > 0]
-        return min(finite) if finite else 0
-
     def _detect(self) -> bool:
         x = np.asarray([self._f_traces])
         t = x.shape[1] - 1
         falls = candidate_falls(self.rule, x, np.asarray([self._f_vars]), t)
         if falls is None:
             return False
-        threshold = alarm_threshold(self.rule, self.false_alarm_rate, self.horizon, self._noise_kind())
+        threshold = alarm_threshold(self.rule, self.false_alarm_rate, self.horizon, _noise_kind(self._f_dofs))
         passing = np.flatnonzero(falls.z[0] >= threshold)
         if passing.size == 0:
             return False
@@ -368,18 +358,31 @@ class TraceSharpDropDetector:
         return True
 
     def __repr__(self) -> str:
-        status = (
-            f"flagged at epoch {self.flagged_at_epoch}: drop of {self.drop_size:.0%} starting at epoch "
-            f"{self.drop_start_epoch}, middle {self.drop_middle_epoch}"
-            if self.flagged
-            else "not flagged"
-        )
-        return (
-            f"{type(self).__name__}(false_alarm_rate={self.false_alarm_rate}, horizon={self.horizon}, "
-            f"min_relative_drop={self.min_relative_drop}, window={self.window}, confirm={self.confirm}, "
-            f"post_window={self.post_window}, baseline={self.baseline}, max_rebound={self.max_rebound}, "
-            f"lookback={self.lookback}, min_history={self.min_history}; {len(self._epochs)} evaluations, {status})"
-        )
+        return _describe(self)
+
+
+def _noise_kind(dofs: list[int | None]) -> int | None:
+    """The calibration's noise model: ``None`` (no standard errors), 0 (exact) or the fewest degrees of freedom."""
+    known = [d for d in dofs if d is not None]
+    if not known:
+        return None
+    finite = [d for d in known if d > 0]
+    return min(finite) if finite else 0
+
+
+def _describe(det: TraceSharpDropDetector) -> str:
+    status = (
+        f"flagged at epoch {det.flagged_at_epoch}: drop of {det.drop_size:.0%} starting at epoch "
+        f"{det.drop_start_epoch}, middle {det.drop_middle_epoch}"
+        if det.flagged
+        else "not flagged"
+    )
+    return (
+        f"{type(det).__name__}(false_alarm_rate={det.false_alarm_rate}, horizon={det.horizon}, "
+        f"min_relative_drop={det.min_relative_drop}, window={det.window}, confirm={det.confirm}, "
+        f"post_window={det.post_window}, baseline={det.baseline}, max_rebound={det.max_rebound}, "
+        f"lookback={det.lookback}, min_history={det.min_history}; {len(det._epochs)} evaluations, {status})"
+    )
 
 
 def _optional_multiplier(name: str, value: Any) -> float | None:
