@@ -40,7 +40,7 @@ from tests.lightning_helpers import DigitsModule, digits_dataset, trainer_kwargs
 PRODUCT_SLEEP_S = 0.05
 MICRO_BATCHES = 2
 NUM_STEPS = 40  # ~40 x 0.1 s = 4 s uninterrupted
-VOLUME_SLEEP_S = 0.002
+VOLUME_SLEEP_S = 0.05  # per cost call (a call evaluates a group of directions)
 SIGNAL_DELAY_S = 1.0  # after the evaluation starts
 
 

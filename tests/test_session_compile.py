@@ -155,8 +155,9 @@ def test_top_eigenvalue_inside_a_session_equals_outside():
     with op.session():
         inside = top_eigenvalues(op, k=1, seed=0).values[0]
     exact = torch.linalg.eigvalsh(exact_hessian(model, data))[-1]
-    assert abs(float(inside) - float(exact)) < 1e-9 * abs(float(exact))
-    assert abs(float(inside) - float(outside)) < 1e-9 * abs(float(exact))
+    # within the estimator's stated tolerance of the exact value, and the same as without a session
+    assert abs(float(inside) - float(exact)) < 1e-6 * abs(float(exact))
+    assert abs(float(inside) - float(outside)) < 1e-12 * abs(float(exact))
 
 
 # --------------------------------------------------------------------------------------------

@@ -491,6 +491,7 @@ class HessianMonitor(CurvatureCallback):
             start = self._timer()
             op.matmat(probes.to(op.device))
             seconds_per_hvp = (self._timer() - start) / self.num_runs
+        self.backend_choices.update(op.backend_choices)  # measured once per run: the evaluations reuse it
         self._projection = CostProjection(
             type(self).__name__,
             units=self.num_runs * self.num_steps,
