@@ -84,7 +84,9 @@ def test_failed_evaluation_is_reported(records):
     hessian = HessianMonitor(num_runs=2, num_steps=8, detect_sharp_drop=False)
     with pytest.warns(UserWarning, match="failed at epoch 1"):
         _fit([hessian], module)
-    messages = [r.getMessage() for r in records if " epoch " in r.getMessage()]
+    messages = [
+        r.getMessage() for r in records if " epoch " in r.getMessage() and "will cost about" not in r.getMessage()
+    ]
     assert re.fullmatch(r"HessianMonitor epoch 0: 16 HVPs in .*", messages[0])
     assert re.fullmatch(r"HessianMonitor epoch 1: failed after \d+\.\d s \(\d+\.\dx the epoch\)", messages[1])
 
