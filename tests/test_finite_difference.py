@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 
@@ -37,6 +38,12 @@ def _batches(dtype: torch.dtype = torch.float32, dim: int = 10, classes: int = 4
     return [(torch.randn(b, dim, generator=g).to(dtype), torch.randint(0, classes, (b,), generator=g)) for b in sizes]
 
 
+@functools.cache
+def _mlp_hessian() -> torch.Tensor:
+    """Exact Hessian of ``_mlp()`` on ``_batches()`` (float32-representable values: any dtype)."""
+    return exact_loss_hessian(_mlp(), F.cross_entropy, _batches())
+
+
 def _probes(n: int, k: int = 3, seed: int = 2) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -60,8 +67,8 @@ def _check_products(op: HessianOperator, hess: torch.Tensor, matvec_tol: float, 
 
 def test_step_rule_and_validation():
     eps32 = torch.finfo(torch.float32).eps
-    assert fd_step(0.0, 10, torch.float32) == pytest.approx(2 * eps32 ** (1 / 3))
-    assert fd_step(4.0 * 100, 100, torch.float64) == pytest.approx(2 * torch.finfo(torch.float64).eps ** (1 / 3) * 2)
+    assert fd_step(0.0, 10, torch.float32) == pytest.approx(eps32 ** (1 / 3))
+    assert fd_step(4.0 * 100, 100, torch.float64) == pytest.approx(torch.finfo(torch.float64).eps ** (1 / 3) * 2)
     assert check_fd_step(None) is None and check_fd_step(1e-3) == 1e-3
     for bad in (0.0, -1e-3, math.nan, math.inf, True, "1e-3"):
         with pytest.raises(ValueError, match="fd_step"):
@@ -107,11 +114,11 @@ def test_central_difference_on_a_quadratic_is_exact_and_restores():
 @pytest.mark.parametrize(("dtype", "matvec_tol", "eig_tol"), [(torch.float64, 1e-7, 1e-7), (torch.float32, 1e-4, 1e-4)])
 def test_mlp_matches_exact(dtype, matvec_tol, eig_tol):
     model, data = _mlp(dtype), _batches(dtype)
-    hess = exact_loss_hessian(model, F.cross_entropy, data)
+    hess = _mlp_hessian()
     op = HessianOperator(model, F.cross_entropy, data, backend="finite_difference")
     _check_products(op, hess, matvec_tol, eig_tol)
     assert op.backend == "finite_difference" and op.fd_step == fd_step(
-        sum(float(p.double().pow(2).sum()) for p in model.parameters()), op.num_params, dtype
+        sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()), op.num_params, dtype
     )
 
 
@@ -126,29 +133,30 @@ class _ConvBN(nn.Module):
         return self.head(torch.tanh(self.bn(self.conv(x))).flatten(1))
 
 
-def _cnn(dtype: torch.dtype) -> tuple[nn.Module, list]:
+@functools.cache
+def _cnn_problem(train_mode_batchnorm: bool) -> tuple[nn.Module, list, torch.Tensor]:
+    """A float32 CNN with non-trivial running statistics, its data and the exact Hessian."""
     torch.manual_seed(0)
-    model = _ConvBN().to(dtype)
+    model = _ConvBN()
     g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(b, 1, 6, 6, generator=g).to(dtype), torch.randint(0, 3, (b,), generator=g)) for b in (12, 8)]
-    with torch.no_grad():  # non-trivial running statistics
+    data = [(torch.randn(b, 1, 6, 6, generator=g), torch.randint(0, 3, (b,), generator=g)) for b in (12, 8)]
+    with torch.no_grad():
         model.train()
         model(data[0][0] * 1.5 + 0.3)
         model.eval()
-    return model, data
+    truth = copy.deepcopy(model)
+    if train_mode_batchnorm:  # truth: batch statistics, per micro-batch
+        truth.bn.track_running_stats = False
+        truth.bn.running_mean = truth.bn.running_var = None
+    return model, data, exact_loss_hessian(truth, F.cross_entropy, data)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("train_mode_batchnorm", [False, True])
 def test_cnn_with_batchnorm_matches_exact(dtype, train_mode_batchnorm):
-    model, data = _cnn(dtype)
-    if train_mode_batchnorm:  # truth: batch statistics, per micro-batch
-        truth = copy.deepcopy(model)
-        truth.bn.track_running_stats = False
-        truth.bn.running_mean = truth.bn.running_var = None
-        hess = exact_loss_hessian(truth, F.cross_entropy, data)
-    else:
-        hess = exact_loss_hessian(model, F.cross_entropy, data)
+    model, data, hess = _cnn_problem(train_mode_batchnorm)
+    model = copy.deepcopy(model).to(dtype)  # float64: the same (float32-representable) values
+    data = [(x.to(dtype), y) for x, y in data]
     buffers = [b.clone() for b in model.buffers()]
     op = HessianOperator(
         model, F.cross_entropy, data, backend="finite_difference", train_mode_batchnorm=train_mode_batchnorm
@@ -161,7 +169,7 @@ def test_cnn_with_batchnorm_matches_exact(dtype, train_mode_batchnorm):
 class _Attention(nn.Module):
     """One pre-norm self-attention block + mean-pooled linear head, on F.scaled_dot_product_attention."""
 
-    def __init__(self, dim: int = 8, heads: int = 2, classes: int = 3) -> None:
+    def __init__(self, dim: int = 4, heads: int = 2, classes: int = 3) -> None:
         super().__init__()
         self.heads = heads
         self.norm = nn.LayerNorm(dim)
@@ -177,11 +185,12 @@ class _Attention(nn.Module):
         return self.head(x.mean(dim=1))
 
 
-def _attention_problem(dtype: torch.dtype):
+@functools.cache
+def _attention_problem() -> tuple[nn.Module, list, torch.Tensor]:
     torch.manual_seed(0)
-    model = _Attention().to(dtype)
+    model = _Attention()
     g = torch.Generator().manual_seed(4)
-    data = [(torch.randn(b, 6, 8, generator=g).to(dtype), torch.randint(0, 3, (b,), generator=g)) for b in (10, 6)]
+    data = [(torch.randn(b, 5, 4, generator=g), torch.randint(0, 3, (b,), generator=g)) for b in (10, 6)]
     with derivative_friendly_attention():  # the truth needs double backward: math kernel
         hess = exact_loss_hessian(model, F.cross_entropy, data)
     return model, data, hess
@@ -198,7 +207,8 @@ def test_attention_through_the_cpu_flash_kernel(dtype):
     """Only the flash kernel is allowed: the products run through it (profiled) and match the truth."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    model, data, hess = _attention_problem(dtype)
+    model, data, hess = _attention_problem()
+    model, data = copy.deepcopy(model).to(dtype), [(x.to(dtype), y) for x, y in data]
     op = HessianOperator(model, F.cross_entropy, data, backend="finite_difference")
     V = _probes(op.num_params)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.profiler.profile() as prof:
@@ -218,10 +228,10 @@ def test_attention_through_the_cpu_flash_kernel(dtype):
 
 def test_transformer_encoder_layer_matches_exact():
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.1, batch_first=True)
-    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(5 * 8, 3)).double()
+    layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.1, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(3 * 4, 3)).double()
     g = torch.Generator().manual_seed(5)
-    data = [(torch.randn(7, 5, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (7,), generator=g))]
+    data = [(torch.randn(7, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (7,), generator=g))]
     model.train()  # dropout must be off during the products (eval mode), as for the other backends
     with derivative_friendly_attention():
         hess = exact_loss_hessian(model, F.cross_entropy, data)
@@ -268,7 +278,7 @@ def test_activation_checkpointing(use_reentrant):
 
 def test_block_and_compute_dtype():
     model, data = _mlp(torch.float32), _batches(torch.float32)
-    hess = exact_loss_hessian(model, F.cross_entropy, data)
+    hess = _mlp_hessian()
     op64 = HessianOperator(model, F.cross_entropy, data, backend="finite_difference", compute_dtype=torch.float64)
     V = _probes(op64.num_params)
     assert _rel(op64.matmat(V), hess @ V) <= 1e-7  # float64 cast copies: the float64 accuracy
@@ -362,7 +372,7 @@ def test_auto_falls_back_to_finite_differences_where_both_ad_paths_fail():
 
 def test_distributed_style_all_reduce_carries_the_estimate():
     model, data = _mlp(torch.float64), _batches(torch.float64)
-    hess = exact_loss_hessian(model, F.cross_entropy, data)
+    hess = _mlp_hessian()
     seen = []
 
     def all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -378,7 +388,7 @@ def test_distributed_style_all_reduce_carries_the_estimate():
 
 def test_richardson_option():
     model, data = _mlp(torch.float32), _batches(torch.float32)
-    hess = exact_loss_hessian(model, F.cross_entropy, data)
+    hess = _mlp_hessian()
     op = HessianOperator(model, F.cross_entropy, data, backend="finite_difference", fd_richardson=True)
     V = _probes(op.num_params, 2)
     assert _rel(op.matmat(V.float()), hess @ V) <= 1e-4
@@ -387,12 +397,65 @@ def test_richardson_option():
 
 @pytest.mark.slow
 def test_compiled_module():
-    """A ``torch.compile``d MLP: double backward is unsupported there, finite differences work."""
+    """A ``torch.compile``d MLP (torch.compile has no double backward): finite differences work."""
     model = _mlp(torch.float32)
     data = _batches(torch.float32)
-    hess = exact_loss_hessian(model, F.cross_entropy, data)
+    hess = _mlp_hessian()
     compiled = torch.compile(model)
     op = HessianOperator(compiled, F.cross_entropy, data, backend="finite_difference")
     V = _probes(op.num_params, 2)
     assert _rel(op.matmat(V.float()), hess @ V) <= 1e-4
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), _mlp(torch.float32).parameters(), strict=True))
+
+
+# --------------------------------------------------------------------------- HessianMonitor
+
+
+def test_monitor_logs_the_estimate_and_leaves_training_untouched():
+    import lightning.pytorch as pl
+
+    from lightning_hessian.callbacks import HessianMonitor
+    from tests.helpers import exact_hessian
+    from tests.lightning_helpers import DigitsModule, digits_dataset, digits_loader, trainer_kwargs
+
+    def fit(module, monitor):
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(callbacks=[monitor] if monitor else [], **trainer_kwargs(max_epochs=2))
+        loader = digits_loader(limit=200)
+        loader.generator = torch.Generator().manual_seed(0)
+        trainer.fit(module, loader)
+        return trainer
+
+    base = DigitsModule(hidden=4, dropout=0.2)
+    with_cb, without_cb = copy.deepcopy(base), copy.deepcopy(base)
+    monitor = HessianMonitor(
+        hvp_backend="finite_difference", hvp_precision="float64", num_runs=2, num_steps=20, analysis_fraction=0.25
+    )
+    trainer = fit(with_cb, monitor)
+    fit(without_cb, None)
+    for a, b in zip(with_cb.parameters(), without_cb.parameters(), strict=True):
+        assert torch.equal(a, b)
+    last = monitor.history[-1]
+    assert 0 < last["fd_rel_error"] < 1e-6 and last["fd_step"] > 0
+    assert "hessian/fd_rel_error" in trainer.callback_metrics
+    subset = torch.utils.data.Subset(digits_dataset(200), monitor.analysis.indices)
+    hess = exact_hessian(with_cb, list(torch.utils.data.DataLoader(subset, batch_size=10**9)))
+    top = float(torch.linalg.eigvalsh(hess)[-1])
+    assert abs(last["top_eigenvalue"] - top) <= 1e-6 * abs(top)
+
+
+def test_monitor_validation():
+    from lightning_hessian.callbacks import HessianMonitor
+
+    with pytest.raises(ValueError, match=r"hvp_backend.*'finite_difference'"):
+        HessianMonitor(hvp_backend="finite-difference")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fd_step"):
+        HessianMonitor(hvp_backend="finite_difference", fd_step=0.0)
+    with pytest.raises(ValueError, match="fd_step` needs hvp_backend"):
+        HessianMonitor(fd_step=1e-3)
+    with pytest.raises(ValueError, match="curvature='hessian'"):
+        HessianMonitor(hvp_backend="finite_difference", curvature="ggn")
+    from lightning_hessian import GGNOperator
+
+    with pytest.raises(ValueError, match="no finite-difference backend"):
+        GGNOperator(_mlp(), F.cross_entropy, _batches(), backend="finite_difference")

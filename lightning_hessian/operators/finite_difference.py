@@ -74,7 +74,7 @@ GradFn = Callable[[], tuple[Sequence[Tensor | None], Tensor]]
 """``grad_fn() -> (gradients, loss)``: the gradients (one per parameter tensor, ``None`` for an
 unused one) and the scalar loss, at the parameters' current values."""
 
-FD_STEP_FACTOR = 2.0
+FD_STEP_FACTOR = 1.0
 """The constant :math:`c` of the default step :math:`c\\,\\epsilon^{1/3}\\max(1, \\mathrm{rms}(\\theta))`."""
 
 
@@ -139,32 +139,29 @@ def _write(params: Sequence[Tensor], values: Sequence[Tensor]) -> None:
 def _difference(
     params: Sequence[Tensor],
     saved: Sequence[Tensor],
-    direction: Sequence[Tensor],
+    saved64: list[Tensor],
+    direction64: list[Tensor],
     step: float,
     grad_fn: GradFn,
 ) -> tuple[list[Tensor], Tensor]:
     """``(g(θ + step·u) - g(θ - step·u)) / (2 step)`` in float64, and the two losses' sum."""
-    out: list[Tensor] = []
-    losses = []
-    grads_pm: list[Sequence[Tensor | None]] = []
+    grads_pm: list[list[Tensor]] = []
+    loss_sum = torch.zeros((), dtype=torch.float64)
     for sign in (1.0, -1.0):
-        # one rounding: θ ± step·u formed in float64, rounded once to the parameters' dtype
-        _write(
-            params,
-            [(s.double() + (sign * step) * d.double()).to(s.dtype) for s, d in zip(saved, direction, strict=True)],
-        )
+        # one rounding: θ ± step·u formed in float64, rounded once (by copy_) to the parameters' dtype
+        _write(params, torch._foreach_add(saved64, direction64, alpha=sign * step))
         grads, loss = grad_fn()
-        grads_pm.append(grads)
-        losses.append(loss.detach().double().reshape(()))
+        grads_pm.append(
+            [
+                g.double() if g is not None else torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+                for g, p in zip(grads, params, strict=True)
+            ]
+        )
+        loss_sum = loss_sum.to(loss.device) + loss.detach().double().reshape(())
     _write(params, saved)
-    for p, g_plus, g_minus in zip(params, grads_pm[0], grads_pm[1], strict=True):
-        if g_plus is None and g_minus is None:
-            out.append(torch.zeros(p.shape, dtype=torch.float64, device=p.device))
-            continue
-        plus = g_plus.double() if g_plus is not None else torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-        minus = g_minus.double() if g_minus is not None else torch.zeros_like(plus)
-        out.append((plus - minus) / (2.0 * step))
-    return out, losses[0] + losses[1]
+    out = list(torch._foreach_sub(grads_pm[0], grads_pm[1]))
+    torch._foreach_mul_(out, 1.0 / (2.0 * step))
+    return out, loss_sum
 
 
 def central_difference_products(
@@ -200,16 +197,17 @@ def central_difference_products(
     """
     k = int(tangents[0].shape[0])
     saved = [p.detach().clone() for p in params]
+    saved64 = [s.double() for s in saved]
     out = [torch.zeros((k, *p.shape), dtype=torch.float64, device=p.device) for p in params]
     loss_sum: Tensor | None = None
     spent = 0
     try:
         for j in range(k):
-            direction = [t[j] for t in tangents]
-            product, loss = _difference(params, saved, direction, step, grad_fn)
+            direction = [t[j].double() for t in tangents]
+            product, loss = _difference(params, saved, saved64, direction, step, grad_fn)
             spent += 2
             if richardson:
-                coarse, loss_coarse = _difference(params, saved, direction, 2.0 * step, grad_fn)
+                coarse, loss_coarse = _difference(params, saved, saved64, direction, 2.0 * step, grad_fn)
                 product = [(4.0 * f - c) / 3.0 for f, c in zip(product, coarse, strict=True)]
                 loss, spent = loss + loss_coarse, spent + 2
             for o, h in zip(out, product, strict=True):

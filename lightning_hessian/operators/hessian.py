@@ -36,6 +36,8 @@ from lightning_hessian.operators.finite_difference import (
 __all__ = ["Backend", "HessianOperator"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Finite differences: a measured relative error above this warns once per operator.
+_FD_WARN_ERROR = 1e-2
 
 
 class HessianOperator:
@@ -405,7 +407,10 @@ class HessianOperator:
         """
         from lightning_hessian.operators.block import restricted_operator
 
-        return restricted_operator(self, param_names)
+        block = restricted_operator(self, param_names)
+        if self._fd is not None:  # its own step, error estimate and gradient count
+            block._fd = FiniteDifferenceState(self._fd.override, self._fd.richardson)
+        return block
 
     # ------------------------------------------------------------------ data
 
@@ -691,6 +696,15 @@ class HessianOperator:
         finally:
             self._fd.checking = False
         self._fd.error_estimate = fd_relative_error(extended[:, j], extended[:, -1])
+        if not self._fd.error_estimate <= _FD_WARN_ERROR:
+            warnings.warn(
+                f"Finite-difference HVPs: measured relative error {self._fd.error_estimate:.2g} at step "
+                f"{self._fd.step:.3g} (products in {self.dtype}); results built on them are that inaccurate. "
+                "Pass compute_dtype=torch.float64 (HessianMonitor: hvp_precision='float64') or a smaller fd_step, "
+                "or use an AD backend.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return extended[:, :-1]
 
     def matvec(self, vector: Tensor) -> Tensor:
