@@ -5,7 +5,7 @@ Alabdulkareem, *Dynamics of the Hessian of the Loss during training* (NeurIPS 20
 that training has stopped". :class:`TraceSharpDropDetector` recognises a sudden, lasting fall of
 the trace online, from one estimate (and its interval) per evaluation, as a sequential test whose
 threshold is set from the false-alarm rate it may commit on a stationary sequence. Its rule is
-in :mod:`lightning_hessian.signals._drop_rule`; the measured operating characteristic and the
+in ``lightning_hessian.signals._drop_rule``; the measured operating characteristic and the
 study of whether stopping on it pays are in ``docs/methods/sharp-drop-and-ood.md``. Pure Python
 and numpy (no torch, no Lightning): a callback drives it, any process replays its
 :meth:`~TraceSharpDropDetector.state_dict`.
